@@ -1,0 +1,158 @@
+"""The kit's model API: PuzzleConfig / PuzzleForCausalLM, Auto-class registration, parent loading.
+
+What it does:
+* re-exports the heterogeneous decoder (defined in the self-contained ``configuration_decilm`` /
+  ``modeling_decilm`` files that export copies into checkpoints) and registers it with
+  ``AutoConfig`` / ``AutoModelForCausalLM`` under ``model_type = "nemotron-nas"`` on import;
+* converts a Hugging Face Llama-layout parent (``LlamaForCausalLM``; Qwen2 and Mistral configs
+  with the same layout) into a ``PuzzleForCausalLM`` whose every block is the parent's, with
+  identical logits;
+* small helpers every stage needs: building a child config from per-layer choices, counting
+  parameters.
+
+Reads: a local HF model directory (``config.json`` + safetensors) or an in-memory model; a hub
+id only when the machine has network. Writes nothing. Leaves out: saving (see ``export.py``) and
+choosing variants (see ``blocks.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .configuration_decilm import PuzzleConfig, parent_block_config
+from .modeling_decilm import PuzzleCache, PuzzleForCausalLM
+
+AutoConfig.register(PuzzleConfig.model_type, PuzzleConfig, exist_ok=True)
+AutoModelForCausalLM.register(PuzzleConfig, PuzzleForCausalLM, exist_ok=True)
+
+# Parents whose tensors have Llama's names and shapes. Anything else (Gemma's norm offsets,
+# Phi's fused qkv, MoE, …) needs a converter of its own, so we refuse it instead of guessing.
+SUPPORTED_PARENT_TYPES = ("llama", "mistral", "qwen2")
+
+__all__ = ["PuzzleConfig", "PuzzleForCausalLM", "PuzzleCache", "from_llama", "load_parent",
+           "child_config", "count_params", "SUPPORTED_PARENT_TYPES"]
+
+
+class ParentError(ValueError):
+    """A parent model the kit cannot convert; the message says what is supported."""
+
+
+def _puzzle_config_from_hf(cfg) -> PuzzleConfig:
+    mt = getattr(cfg, "model_type", None)
+    if mt == PuzzleConfig.model_type:
+        return copy.deepcopy(cfg)
+    if mt not in SUPPORTED_PARENT_TYPES:
+        raise ParentError(
+            f"Parent model_type {mt!r} is not supported. Supported: {', '.join(SUPPORTED_PARENT_TYPES)} "
+            f"(Llama-layout decoders: separate q/k/v/o projections, SwiGLU MLP, RMSNorm, RoPE)."
+        )
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ParentError(f"Parent hidden_act={cfg.hidden_act!r}: only SwiGLU ('silu') parents are supported.")
+    if mt in ("mistral", "qwen2") and getattr(cfg, "sliding_window", None) and (
+        mt == "mistral" or getattr(cfg, "use_sliding_window", False)
+    ) and cfg.sliding_window < cfg.max_position_embeddings:
+        raise ParentError(
+            f"Parent uses sliding-window attention (sliding_window={cfg.sliding_window}); the kit's "
+            "decoder implements full causal attention only. Use a checkpoint without a sliding window."
+        )
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        raise ParentError("Parent has pretraining_tp > 1; convert it to a standard checkpoint first.")
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    rope = dict(cfg.rope_parameters) if getattr(cfg, "rope_parameters", None) else None
+    # Qwen2 puts biases on q/k/v only; the kit's attention has one bias flag for all four
+    # projections, so Qwen2's o_proj gets a zero bias (same function, one more tensor).
+    attention_bias = bool(getattr(cfg, "attention_bias", False)) or mt == "qwen2"
+    return PuzzleConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=kv, head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=getattr(cfg, "initializer_range", 0.02),
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        rope_parameters=rope, attention_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        block_configs=[parent_block_config(cfg.num_attention_heads, kv, cfg.intermediate_size)
+                       for _ in range(cfg.num_hidden_layers)],
+    )
+
+
+def from_llama(hf_model: PreTrainedModel, dtype: torch.dtype | None = None) -> PuzzleForCausalLM:
+    """Convert an in-memory Llama-layout causal LM into an all-parent ``PuzzleForCausalLM``.
+
+    Tensor names are Llama's on both sides, so this is a strict ``load_state_dict``: any missing or
+    unexpected tensor is an error rather than a silently random weight.
+    """
+    config = _puzzle_config_from_hf(hf_model.config)
+    dtype = dtype or next(hf_model.parameters()).dtype
+    model = PuzzleForCausalLM(config).to(dtype)
+    state = {k: v for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+    if config.attention_bias:
+        for i in range(config.num_hidden_layers):
+            key = f"model.layers.{i}.self_attn.o_proj.bias"
+            if key not in state:
+                state[key] = torch.zeros(config.hidden_size, dtype=dtype)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ParentError(f"Parent tensors do not match a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_parent(path_or_id: str | Path | PreTrainedModel, dtype: torch.dtype = torch.float32,
+                trust_remote_code: bool = False) -> PuzzleForCausalLM:
+    """Load a parent from a local directory, a hub id (needs network) or an in-memory model.
+
+    A directory that already holds a ``nemotron-nas`` checkpoint (e.g. the kit's own embedded
+    parent) loads directly. ``trust_remote_code`` stays off unless the user asks, because it runs
+    Python shipped with the checkpoint.
+    """
+    if isinstance(path_or_id, PreTrainedModel):
+        return path_or_id.eval() if isinstance(path_or_id, PuzzleForCausalLM) else from_llama(path_or_id, dtype)
+    src = str(path_or_id)
+    if trust_remote_code:
+        warnings.warn(f"trust_remote_code=True: Python code shipped with {src!r} will run.", stacklevel=2)
+    local = Path(src)
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ParentError(f"{local} has no config.json: point `parent` at a Hugging Face model directory.")
+        if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+            raise ParentError(f"{local} has no weights (*.safetensors): the checkpoint is incomplete.")
+    cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    if cfg.model_type == PuzzleConfig.model_type and local.exists():
+        from .export import load_checkpoint  # strict: no silently re-initialised tensors
+
+        return load_checkpoint(local, dtype=dtype)
+    if cfg.model_type == PuzzleConfig.model_type:
+        return PuzzleForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    _puzzle_config_from_hf(cfg)  # refuse unsupported architectures before loading any weight
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+    return from_llama(hf, dtype)
+
+
+def child_config(parent: PuzzleConfig, block_configs: list[dict]) -> PuzzleConfig:
+    """The parent's config with new per-layer blocks (validated and normalised)."""
+    d = parent.to_dict()
+    d["block_configs"] = block_configs
+    for k in ("model_type", "transformers_version", "architectures", "auto_map"):
+        d.pop(k, None)
+    return PuzzleConfig(**d)
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
