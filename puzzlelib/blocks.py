@@ -54,7 +54,11 @@ class Variant:
     def name(self) -> str:
         if self.op in ("linear", "noop"):
             return f"{self.kind}:{self.op}"
-        return f"attn:kv{self.kv_heads}" if self.kind == "attn" else f"ffn:{self.fraction:.2f}"
+        if self.kind == "attn":
+            return f"attn:kv{self.kv_heads}"
+        # Two decimals when they suffice (ffn:0.50), three otherwise (ffn:0.875): names round-trip.
+        s = f"{self.fraction:.3f}"
+        return f"ffn:{s[:-1] if s.endswith('0') else s}"
 
     def __str__(self) -> str:
         return self.name
@@ -74,7 +78,7 @@ class Variant:
         pw = parent.ffn_width(layer)
         if self.fraction >= 1.0 or pw <= multiple:
             return pw if self.fraction >= 1.0 else max(1, round(self.fraction * pw))
-        return min(pw, max(multiple, multiple * round(self.fraction * pw / multiple)))
+        return min(pw, max(multiple, multiple * int(self.fraction * pw / multiple + 0.5)))  # half up
 
     def block_config(self, parent: PuzzleConfig, layer: int = 0) -> dict:
         """This variant's half of a DeciLM block config."""
@@ -108,7 +112,7 @@ def parse_variant(name: str, parent: PuzzleConfig | None = None) -> Variant:
                 "attn:linear, attn:noop, ffn:<fraction in (0, 1]> e.g. ffn:0.50, ffn:linear, ffn:noop."
             )
         if m.group(1) is not None:
-            frac = float(m.group(1))
+            frac = round(float(m.group(1)), 3)
             if not 0.0 < frac <= 1.0:
                 raise VariantError(f"{name!r}: an FFN width fraction must be in (0, 1] (wider than the parent has no parent weights to start from).")
             v = Variant("ffn", "swiglu", fraction=frac)
@@ -142,7 +146,7 @@ def list_library(parent: PuzzleConfig, kv_heads: list[int] | None = None,
     if kv_heads is None:
         kv_heads = [d for d in range(pkv, 0, -1) if h % d == 0]
     attn = [Variant("attn", "gqa", kv_heads=k) for k in sorted(set(kv_heads), reverse=True)]
-    ffn = [Variant("ffn", "swiglu", fraction=f) for f in sorted(set(ffn_fractions), reverse=True)]
+    ffn = [Variant("ffn", "swiglu", fraction=round(f, 3)) for f in sorted(set(ffn_fractions), reverse=True)]
     for v in attn + ffn:
         check_variant(v, parent)
     # Distinct fractions can round to one width on small parents; keep the first (largest) name.
