@@ -1,0 +1,443 @@
+"""Run configuration: one `RunConfig` dataclass, named `PRESETS`, load / save / hash.
+
+What it does: holds every knob of a run. Each field is defaulted, commented, and tagged with the
+*stage whose cached artifacts it affects* (`metadata={"stage": ...}`), so that
+`cfg.hash("02_bld")` changes exactly when something 02_bld depends on changes, and the run
+directory (`rundir.py`) can tell a fresh artifact from a stale one and name the field that moved.
+
+Stage tags:
+  "run"                  affects nothing cached (names, paths, thread count, --force)
+  "data"                 corpus, tokenizer, split: every stage depends on these
+  "00_parent" .. "06_evaluation"   that stage (and, through the run directory's upstream keys,
+                         every stage downstream of it)
+
+Reads: nothing, except a JSON file in `RunConfig.load`. Writes: a JSON file in `cfg.save`.
+Leaves out: what the fields *mean* to the algorithms (each stage module reads its own fields),
+and whether a local corpus path exists (that depends on the working directory the notebooks run
+in; `data.py` checks it, and the runner checks it before starting any notebook).
+
+Adding a field is one line in `RunConfig`, e.g.
+    bld_lr: float = _f(3e-4, "02_bld")  # AdamW peak learning rate for each (layer, variant) job
+plus, if it has a valid range, one line in `_range_errors`.
+
+Strings from the command line (`--set key=value`) are converted by `parse_set_args` to the field's
+type. Booleans there accept true/false, yes/no, on/off, 1/0 (any case). Values given in Python or
+JSON (presets, `overrides` dicts, config.json) must already have the right type: a string "no"
+for a bool field is refused, because in Python it would silently be truthy.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The pipeline stages in execution order; rundir.py re-exports this as STAGES.
+PIPELINE_STAGES = (
+    "00_parent", "01_profiling", "02_bld", "03_scoring", "04_search", "05_gkd", "06_evaluation",
+)
+STAGE_TAGS = ("run", "data", *PIPELINE_STAGES)
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+# A byte-level BPE needs its 256 byte tokens plus the special tokens data.py adds (a handful:
+# end-of-text, padding, ...); 8 slots of headroom keeps the check independent of the exact list.
+MIN_VOCAB_SIZE = 256 + 8
+# run_name becomes a directory under runs/ and reports/: no separators, no leading dot (so no
+# "..", no hidden folders), short enough for every filesystem.
+RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_TRUE = {"true", "yes", "on", "1", "y", "t"}
+_FALSE = {"false", "no", "off", "0", "n", "f"}
+
+
+class ConfigError(ValueError):
+    """A config value, key, preset or file is invalid; the message says what to change."""
+
+
+def _f(default: Any, stage: str, choices: tuple | None = None) -> Any:
+    """A dataclass field tagged with the stage it affects (and optionally its allowed values)."""
+    assert stage in STAGE_TAGS, f"unknown stage tag {stage!r}"
+    meta: dict[str, Any] = {"stage": stage}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # ---- run: names, paths, machine knobs; never part of a cache key ------------------------
+    run_name: str = _f("default", "run")  # folder under runs_root/ and reports_root/ (safe name)
+    preset: str = _f("default", "run")  # preset the values started from (recorded, not re-applied)
+    runs_root: str = _f("runs", "run")  # where run dirs live; relative = to the cwd (repo root)
+    reports_root: str = _f("reports", "run")  # where the runner writes executed notebooks + html
+    threads: int = _f(0, "run")  # torch intra-op threads; 0 = torch's default (all cores)
+    force: bool = _f(False, "run")  # recompute stages even when their cached artifacts are fresh
+    # seed is tagged "data" (not "run") because it changes the split, the tokenizer and every
+    # trained weight: a new seed must never silently reuse artifacts made with the old one.
+    seed: int = _f(0, "data")  # seeds python/numpy/torch RNGs in every stage
+    # device is tagged "01_profiling": it changes measured runtimes, hence the search and all
+    # that follows, but a parent or block library trained elsewhere is still valid to reuse.
+    device: str = _f("cpu", "01_profiling", DEVICES)  # "auto" = cuda if available else cpu
+
+    # ---- data: corpus, tokenizer, packing ------------------------------------------------------
+    corpus: str = _f("stdlib", "data")  # "stdlib" | .txt/.jsonl file or folder | "hf:<ds>[:<cfg>]"
+    corpus_max_bytes: int = _f(12_000_000, "data")  # cap on raw text read from the corpus
+    heldout_fraction: float = _f(0.05, "data")  # share of FILES held out (split by file, not token)
+    vocab_size: int = _f(2048, "data")  # BPE vocab (embedded parent; HF parents bring their own)
+    seq_len: int = _f(256, "data")  # tokens per packed training / evaluation sequence
+    tokenizer_train_bytes: int = _f(4_000_000, "data")  # bytes of training text used to fit the BPE
+
+    # ---- 00_parent: the model every child is cut from ------------------------------------------
+    parent: str = _f("embedded", "00_parent")  # "embedded" (trained here) | local HF dir | hub id
+    trust_remote_code: bool = _f(False, "00_parent")  # passed to from_pretrained for HF parents
+    # The parent_* shape and training fields apply to the embedded parent only; an HF parent's
+    # shape comes from its own config.json.
+    parent_hidden_size: int = _f(256, "00_parent")  # model width
+    parent_num_layers: int = _f(8, "00_parent")  # decoder layers (= search positions)
+    parent_num_heads: int = _f(8, "00_parent")  # query heads
+    parent_num_kv_heads: int = _f(4, "00_parent")  # key/value heads of the parent's GQA
+    parent_intermediate_size: int = _f(768, "00_parent")  # SwiGLU width (3x hidden)
+    parent_tie_embeddings: bool = _f(True, "00_parent")  # share input embedding and LM head
+    parent_train_tokens: int = _f(2_000_000, "00_parent")  # training budget in tokens
+    parent_batch_size: int = _f(16, "00_parent")  # sequences per optimizer step
+    parent_lr: float = _f(1e-3, "00_parent")  # AdamW peak learning rate
+    parent_min_lr_ratio: float = _f(0.1, "00_parent")  # cosine decay floor, as a fraction of peak
+    parent_warmup_steps: int = _f(50, "00_parent")  # linear warm-up steps
+    parent_weight_decay: float = _f(0.1, "00_parent")  # AdamW decoupled weight decay
+    parent_grad_clip: float = _f(1.0, "00_parent")  # max global grad norm; 0 disables clipping
+    parent_autocast_bf16: bool = _f(True, "00_parent")  # bf16 autocast for training matmuls
+    parent_eval_every: int = _f(100, "00_parent")  # steps between held-out loss evaluations
+    parent_eval_tokens: int = _f(65_536, "00_parent")  # held-out tokens per evaluation
+    parent_checkpoint_every: int = _f(100, "00_parent")  # steps between resumable saves; 0 = never
+    dtype: str = _f("float32", "00_parent", DTYPES)  # weights dtype the later stages load
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Coerce first (1 -> 1.0 for floats, 2e6 -> 2000000 for ints) so the canonical JSON, and
+        # therefore the hash, does not depend on how a number was spelled.
+        errors = []
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            value, error = _coerce(f.name, getattr(self, f.name), hints[f.name])
+            if error:
+                errors.append(error)
+            else:
+                object.__setattr__(self, f.name, value)
+        if not errors:
+            errors = _range_errors(self)
+        if errors:
+            raise ConfigError("invalid run config:\n  - " + "\n  - ".join(errors))
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls, preset: str = "default", overrides: dict | None = None, run_name: str | None = None
+    ) -> "RunConfig":
+        """Defaults <- PRESETS[preset] <- overrides <- run_name. run_name defaults to the preset
+        name, so `--preset smoke` and `--preset default` never share a run directory."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, PRESETS)}. "
+                              f"Available presets: {', '.join(PRESETS)}.")
+        overrides = dict(overrides or {})
+        _check_keys(overrides, "overrides")
+        if "preset" in overrides:
+            raise ConfigError("'preset' cannot be overridden: pass it as the preset argument "
+                              "(--preset NAME on the command line).")
+        values = {**PRESETS[preset], **overrides, "preset": preset}
+        if run_name is not None:
+            values["run_name"] = run_name
+        values.setdefault("run_name", preset)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with some fields changed."""
+        _check_keys(changes, "replace()")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Strict: unknown keys and wrong types are refused. Missing keys take their defaults,
+        so a config.json written before a field existed still loads."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a JSON object / dict, got {type(d).__name__}")
+        _check_keys(d, "config")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        # Imported here: rundir imports this module, and the atomic helpers live there.
+        from .rundir import atomic_write_json
+
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e}); fix or delete it"
+                              ) from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    # ---- stages and hashing --------------------------------------------------------------------
+    @classmethod
+    def fields_for(cls, stage: str) -> list[str]:
+        """Names of the fields tagged with exactly this stage tag."""
+        _check_stage(stage)
+        return [f.name for f in dataclasses.fields(cls) if f.metadata["stage"] == stage]
+
+    def hashed_values(self, stage: str | None = None) -> dict[str, Any]:
+        """The field values `hash(stage)` covers: the stage's own fields plus the "data" fields
+        (every stage reads the data); for None, every field not tagged "run"."""
+        if stage is None:
+            names = [f.name for f in dataclasses.fields(self) if f.metadata["stage"] != "run"]
+        else:
+            _check_stage(stage)
+            if stage == "run":
+                raise ConfigError("'run' fields affect nothing cached and have no hash")
+            names = self.fields_for("data") + ([] if stage == "data" else self.fields_for(stage))
+        return {name: getattr(self, name) for name in names}
+
+    def hash(self, stage: str | None = None) -> str:
+        """16 hex chars of sha256 over the canonical JSON of `hashed_values(stage)`."""
+        blob = json.dumps(self.hashed_values(stage), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """Human-readable listing grouped by stage tag, with each group's hash."""
+        lines = []
+        for tag in STAGE_TAGS:
+            names = self.fields_for(tag)
+            if not names:
+                continue
+            extra = "" if tag == "run" else f"   (hash {self.hash(tag)})"
+            lines.append(f"[{tag}]{extra}")
+            width = max(map(len, names))
+            lines += [f"  {n:<{width}} = {getattr(self, n)!r}" for n in names]
+        return "\n".join(lines)
+
+
+# ---- presets: overrides on the defaults above ---------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # CI and tests: the whole pipeline in a few minutes on 2 CPU cores. The ~0.23M-parameter
+    # parent trains at ~57k tok/s in fp32 on 2 cores (bf16 autocast is *slower* at this size),
+    # so 2M tokens (~980 steps) is ~35 s here and under a minute on a slower machine.
+    "smoke": dict(
+        corpus_max_bytes=1_500_000, tokenizer_train_bytes=500_000, vocab_size=512, seq_len=64,
+        parent_hidden_size=64, parent_num_layers=4, parent_num_heads=4, parent_num_kv_heads=2,
+        parent_intermediate_size=192, parent_train_tokens=2_000_000, parent_batch_size=32,
+        parent_lr=3e-3, parent_warmup_steps=30, parent_autocast_bf16=False,
+        parent_eval_every=100, parent_eval_tokens=16_384, parent_checkpoint_every=200,
+    ),
+    # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
+    # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
+    "default": dict(),
+    # A real Llama parent on one GPU. Needs network access (or a populated HF cache) for the
+    # parent and the dataset; the parent_* shape/training fields do not apply.
+    "gpu-llama-3.2-1b": dict(
+        parent="meta-llama/Llama-3.2-1B", device="cuda", dtype="bfloat16", seq_len=2048,
+        corpus="hf:HuggingFaceFW/fineweb-edu:sample-10BT", corpus_max_bytes=1_000_000_000,
+    ),
+}
+
+
+# ---- command-line values ------------------------------------------------------------------------
+def parse_set_args(args: list[str] | None) -> dict[str, Any]:
+    """["seq_len=128", "force=yes"] -> {"seq_len": 128, "force": True}, typed per field."""
+    out: dict[str, Any] = {}
+    types_ = _field_types()
+    for arg in args or []:
+        key, sep, text = arg.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {arg!r} (e.g. --set seq_len=128)")
+        _check_keys({key}, "--set")
+        base, optional = _unwrap(types_[key])
+        if optional and text.strip().lower() in ("none", "null"):
+            out[key] = None
+            continue
+        try:
+            out[key] = _parse_text(text.strip(), base)
+        except ValueError:
+            raise ConfigError(f"--set {arg}: {key} expects {_type_word(base)}, got {text!r}"
+                              ) from None
+    return out
+
+
+def _parse_text(text: str, base: type) -> Any:
+    if base is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(text)
+    if base is int:
+        try:
+            return int(text)  # accepts 2_000_000
+        except ValueError:
+            f = float(text)  # accepts 2e6, refuses 2.5 below
+            if not f.is_integer():
+                raise
+            return int(f)
+    if base is float:
+        return float(text)
+    return text
+
+
+# ---- validation helpers -------------------------------------------------------------------------
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _unwrap(hint: Any) -> tuple[type, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _type_word(base: type) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        base, base.__name__)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    base, optional = _unwrap(hint)
+    if value is None and optional:
+        return None, None
+    bad = f"{name} expects {_type_word(base)}, got {value!r} ({type(value).__name__})"
+    if base is bool:
+        return (value, None) if isinstance(value, bool) else (None, bad)
+    if isinstance(value, bool):  # bool is an int subclass; True is not a seq_len
+        return None, bad
+    if base is int:
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        return None, bad
+    if base is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value), None
+        return None, bad
+    if base is str:
+        return (value, None) if isinstance(value, str) else (None, bad)
+    raise TypeError(f"RunConfig.{name}: unsupported field type {hint!r}; extend _coerce")
+
+
+def _range_errors(c: RunConfig) -> list[str]:
+    """Every out-of-range value, each with the fix. Checked after types are known good."""
+    e: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            e.append(msg)
+
+    for f in dataclasses.fields(c):
+        choices = f.metadata.get("choices")
+        value = getattr(c, f.name)
+        if choices and value not in choices:
+            e.append(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                     f"{_suggest(str(value), choices)}")
+    need(re.fullmatch(RUN_NAME_PATTERN, c.run_name) is not None,
+         f"run_name {c.run_name!r} is not a safe folder name: use 1-64 of A-Z a-z 0-9 . _ - "
+         "starting with a letter or digit (no '/', no spaces), e.g. run_name='smoke-2'")
+    need(c.preset in PRESETS, f"preset {c.preset!r} is unknown{_suggest(c.preset, PRESETS)}; "
+         f"available presets: {', '.join(PRESETS)}")
+    need(bool(c.runs_root.strip()), "runs_root must not be empty (default 'runs')")
+    need(bool(c.reports_root.strip()), "reports_root must not be empty (default 'reports')")
+    need(0 <= c.seed < 2**32, f"seed must be in [0, 2**32) (numpy's limit), got {c.seed}")
+    need(c.threads >= 0, f"threads must be >= 0 (0 = torch default), got {c.threads}")
+    e += _corpus_errors(c.corpus)
+    need(c.corpus_max_bytes > 0, f"corpus_max_bytes must be > 0, got {c.corpus_max_bytes}")
+    need(c.tokenizer_train_bytes > 0,
+         f"tokenizer_train_bytes must be > 0, got {c.tokenizer_train_bytes}")
+    need(0 < c.heldout_fraction < 1,
+         f"heldout_fraction must be strictly between 0 and 1, got {c.heldout_fraction} (e.g. 0.05)")
+    need(c.vocab_size >= MIN_VOCAB_SIZE, f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens "
+         f"+ special tokens), got {c.vocab_size}")
+    need(c.seq_len >= 2,
+         f"seq_len must be >= 2 (an input and a next-token target), got {c.seq_len}")
+    need(bool(c.parent.strip()), "parent must be 'embedded', a local HF directory or a hub id")
+    for name in ("parent_hidden_size", "parent_num_layers", "parent_num_heads",
+                 "parent_num_kv_heads", "parent_intermediate_size", "parent_batch_size",
+                 "parent_eval_every", "parent_eval_tokens"):
+        need(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)}")
+    if c.parent_num_heads > 0 and c.parent_num_kv_heads > 0:
+        need(c.parent_num_heads % c.parent_num_kv_heads == 0,
+             f"parent_num_heads ({c.parent_num_heads}) must be a multiple of parent_num_kv_heads "
+             f"({c.parent_num_kv_heads}): GQA shares each KV head by a whole group of query heads")
+    if c.parent_num_heads > 0 and c.parent_hidden_size > 0:
+        head_dim, rem = divmod(c.parent_hidden_size, c.parent_num_heads)
+        need(rem == 0, f"parent_hidden_size ({c.parent_hidden_size}) must be divisible by "
+             f"parent_num_heads ({c.parent_num_heads})")
+        need(rem != 0 or head_dim % 2 == 0, f"head dim parent_hidden_size/parent_num_heads = "
+             f"{head_dim} must be even (rotary embeddings rotate pairs of channels)")
+    if c.parent == "embedded":
+        step_tokens = c.parent_batch_size * c.seq_len
+        need(c.parent_train_tokens >= step_tokens,
+             f"parent_train_tokens ({c.parent_train_tokens}) must cover at least one step of "
+             f"parent_batch_size*seq_len = {step_tokens} tokens")
+    need(c.parent_lr > 0, f"parent_lr must be > 0, got {c.parent_lr}")
+    need(0 <= c.parent_min_lr_ratio <= 1,
+         f"parent_min_lr_ratio must be in [0, 1], got {c.parent_min_lr_ratio}")
+    for name in ("parent_warmup_steps", "parent_weight_decay", "parent_grad_clip"):
+        need(getattr(c, name) >= 0, f"{name} must be >= 0, got {getattr(c, name)}")
+    need(c.parent_checkpoint_every >= 0,
+         f"parent_checkpoint_every must be >= 0 (0 = never), got {c.parent_checkpoint_every}")
+    return e
+
+
+def _corpus_errors(corpus: str) -> list[str]:
+    if corpus == "stdlib":
+        return []
+    if corpus.startswith("hf:"):
+        parts = corpus[3:].split(":")
+        if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
+            return [f"corpus {corpus!r}: write a Hugging Face dataset as 'hf:<dataset>' or "
+                    "'hf:<dataset>:<config>', e.g. 'hf:wikitext:wikitext-103-raw-v1'"]
+        return []
+    if not corpus.strip():
+        return ["corpus must not be empty: use 'stdlib', a .txt/.jsonl file or folder, "
+                "or 'hf:<dataset>'"]
+    suffix = Path(corpus).suffix.lower()
+    # No suffix: a folder (data.py reports a missing one). A suffix other than .txt/.jsonl on
+    # something that is not an existing folder is almost surely an unsupported file type.
+    if suffix and suffix not in (".txt", ".jsonl") and not Path(corpus).is_dir():
+        return [f"corpus {corpus!r}: local corpora must be a .txt or .jsonl file (jsonl: one "
+                "{\"text\": ...} per line) or a folder of them"]
+    return []
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(keys: Any, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        parts = [f"{k!r}{_suggest(str(k), valid)}" for k in unknown]
+        raise ConfigError(f"unknown config key(s) in {where}: {', '.join(parts)}. "
+                          f"Valid keys: {', '.join(valid)}")
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGE_TAGS:
+        raise ConfigError(f"unknown stage {stage!r}{_suggest(str(stage), STAGE_TAGS)}; "
+                          f"stages: {', '.join(STAGE_TAGS)}")

@@ -1,0 +1,524 @@
+"""Run directory: layout, stage manifests, freshness checks, stage locks and atomic writes.
+
+What it does: owns `runs/<run_name>/` (under `cfg.runs_root`):
+
+    config.json         the resolved RunConfig of the latest process that opened the run
+    environment.json    python / package versions, device, CPU count, threads, git commit
+    .locks/<stage>.lock one exclusive lock per stage (outside the stage folder, so wiping a stage
+                        folder never drops a lock someone holds)
+    <stage>/            the stage's artifacts + manifest.json
+
+A stage is written inside `with rd.stage("02_bld") as st:`, which locks it, marks it "running",
+and on exit records "done" (timings, cache key, upstream build ids, every artifact's size and
+sha256, `st.metrics`) or "failed" (the error). A stage function therefore reads:
+
+    if not rd.should_run("02_bld"):          # fresh and not cfg.force
+        return load(rd.stage_dir("02_bld"))
+    with rd.stage("02_bld") as st:            # refuses if an upstream stage is not fresh
+        ... write files into st.dir with the atomic_* helpers ...
+        st.metrics["loss"] = 0.12
+
+Freshness: a stage is fresh when its manifest says done, its cache key equals the key the
+*current* config demands (key = sha256 of cfg.hash(stage) and the upstream stages' keys, so a
+change to any field an upstream stage reads propagates down), every upstream stage is itself
+fresh and is the very build (build_id) this stage consumed, and every recorded artifact still
+exists with its recorded size. `require(stage)` raises `StageNotReady` naming the reason (which
+config field changed, which artifact is truncated, ...) and the notebook / command to run.
+
+Reads/writes: only files under runs/<run_name>/. Leaves out: what the artifacts contain (each
+stage module owns its formats), and cleaning old artifacts (a failed stage may keep checkpoints
+it can resume from; the manifest's artifact list is what counts).
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
+from .config import PIPELINE_STAGES, RunConfig
+
+STAGES: list[str] = list(PIPELINE_STAGES)
+NOTEBOOKS: dict[str, str] = {s: f"notebooks/{s}.ipynb" for s in STAGES}
+# Which stages' artifacts each stage reads. A stage's cache key folds in its upstream keys.
+UPSTREAM: dict[str, list[str]] = {
+    "00_parent": [],
+    "01_profiling": ["00_parent"],
+    "02_bld": ["00_parent"],
+    "03_scoring": ["00_parent", "02_bld"],
+    "04_search": ["01_profiling", "03_scoring"],
+    "05_gkd": ["02_bld", "04_search"],
+    "06_evaluation": ["00_parent", "01_profiling", "04_search", "05_gkd"],
+}
+MANIFEST = "manifest.json"
+# Packages whose versions change numbers in the reports.
+_PACKAGES = ("puzzlelib", "torch", "transformers", "tokenizers", "safetensors", "lm-eval",
+             "numpy", "highspy", "gurobipy", "papermill", "nbconvert", "ipykernel",
+             "matplotlib", "filelock", "tqdm")
+_DETERMINISM_NOTE = (
+    "CPU runs with the same seed, package versions and thread count reproduce bit for bit. On "
+    "GPU they do not by default: cuBLAS/cuDNN pick kernels per shape and device, some backward "
+    "ops (index_add, scatter, embedding) use atomics, TF32/bf16 reductions round differently, "
+    "and another GPU model, driver or CUDA version changes the last bits. "
+    "torch.use_deterministic_algorithms(True) with CUBLAS_WORKSPACE_CONFIG=:4096:8 removes most "
+    "of it at a speed cost. Measured timings are never reproducible; compare ratios."
+)
+
+
+class StageNotReady(RuntimeError):
+    """An upstream stage is missing, running, failed, stale or has a damaged artifact."""
+
+
+class StageLocked(RuntimeError):
+    """Another process holds the stage's lock."""
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+def _tmp_sibling(path: Path, tag: str) -> Path:
+    # Same directory, so os.replace is a rename on one filesystem; leading dot, so artifact
+    # listings skip leftovers of a killed process.
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; durability is best effort
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; if the block succeeds it is renamed onto `path`, if it
+    raises the temp file is removed and `path` is untouched. For writers that want a filename
+    (safetensors.save_file, torch.save, tokenizer.save)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path, "tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_path({path}): the block wrote nothing to {tmp}")
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
+        return o.tolist()
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serializable; convert it first")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Pretty JSON, written atomically. Serialised *before* the file is opened, so an
+    unserialisable object leaves nothing behind. NaN/inf are written as NaN/Infinity (Python
+    reads them back; strict JSON parsers do not)."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    atomic_write_text(path, text)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temp name, then rename it onto `path` (replacing an old one).
+    On error the temp directory is deleted and `path` is untouched. Between the two renames of a
+    replacement `path` briefly does not exist; it never exists half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                _fsync(p)
+        if path.exists():
+            old = _tmp_sibling(path, "old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- environment --------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:  # list argv, never a shell string
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(cfg: RunConfig) -> dict[str, Any]:
+    """What produced the numbers: interpreter, packages, device, threads, git commit."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "packages": versions,
+        "requested_device": cfg.device,
+    }
+    try:
+        import torch  # here, not at module level: `status` and the runner never need torch
+
+        cuda = torch.cuda.is_available()
+        env["torch_threads"] = torch.get_num_threads()
+        env["cuda_available"] = cuda
+        env["cuda_version"] = torch.version.cuda
+        device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+        env["device"] = device
+        on_gpu = device == "cuda" and cuda
+        env["device_name"] = torch.cuda.get_device_name(0) if on_gpu else _cpu_model()
+    except ImportError as e:
+        env["torch_error"] = str(e)
+    repo = Path(__file__).resolve().parent.parent
+    commit = _git(repo, "rev-parse", "HEAD")
+    env["git_commit"] = commit
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no") if commit else None
+    env["git_dirty"] = None if dirty is None else bool(dirty)
+    env["determinism"] = _DETERMINISM_NOTE
+    return env
+
+
+# ---- stages -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Stage:
+    """Handle yielded by `RunDir.stage`: where to write, and a metrics dict for the manifest."""
+
+    name: str
+    dir: Path
+    key: str
+    build_id: str
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+
+class RunDir:
+    """runs/<run_name>/ for one config. `create=False` opens read-only (e.g. for `status`)."""
+
+    def __init__(self, cfg: RunConfig, create: bool = True):
+        self.cfg = cfg
+        self.root = Path(cfg.runs_root).absolute() / cfg.run_name
+        self._env: dict[str, Any] | None = None
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.root / "config.json")
+            self._env = environment_info(cfg)
+            atomic_write_json(self.root / "environment.json", self._env)
+
+    @classmethod
+    def existing(cls, run_name: str, runs_root: str | Path = "runs") -> "RunDir":
+        """Open a run that exists on disk, with the config it was last opened with."""
+        root = Path(runs_root) / run_name
+        if not (root / "config.json").is_file():
+            have = sorted(q.parent.name for q in Path(runs_root).glob("*/config.json"))
+            raise FileNotFoundError(f"no run named {run_name!r} under {Path(runs_root).absolute()} "
+                                    f"(runs there: {', '.join(have) or 'none'})")
+        cfg = RunConfig.load(root / "config.json").replace(runs_root=str(runs_root))
+        return cls(cfg, create=False)
+
+    # ---- paths and manifests ----
+    def stage_dir(self, stage: str) -> Path:
+        _check_stage(stage)
+        return self.root / stage
+
+    def _lock_path(self, stage: str) -> Path:
+        return self.root / ".locks" / f"{stage}.lock"
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest.json, or None if it has never started."""
+        path = self.stage_dir(stage) / MANIFEST
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as e:
+            return {"status": "unreadable", "error": {"message": f"{path}: {e}"}}
+
+    def config_key(self, stage: str) -> str:
+        """The cache key the current config demands for `stage` (folds in upstream keys)."""
+        _check_stage(stage)
+        parts = [stage, self.cfg.hash(stage)] + [self.config_key(u) for u in UPSTREAM[stage]]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def affecting_fields(self, stage: str) -> dict[str, Any]:
+        """Every config value the stage depends on: its own, "data", and all upstream stages'."""
+        values = self.cfg.hashed_values(stage)
+        for u in UPSTREAM[stage]:
+            values.update(self.affecting_fields(u))
+        return values
+
+    # ---- freshness ----
+    def state(self, stage: str) -> tuple[str, str]:
+        """(state, reason). state: fresh | missing | running | interrupted | failed | stale |
+        broken. The reason is the human explanation (empty for fresh / missing)."""
+        m = self.manifest(stage)
+        if m is None:
+            return "missing", ""
+        status = m.get("status")
+        if status == "running":
+            if self._lock_is_held(stage):
+                return "running", (f"started {m.get('started')} by pid {m.get('pid')} "
+                                   f"on {m.get('host')}")
+            return "interrupted", ("its manifest says running but no process holds its lock: the "
+                                   "process that ran it died; run the stage again")
+        if status == "failed":
+            err = m.get("error") or {}
+            return "failed", f"{err.get('type', 'error')}: {err.get('message', '?')}"
+        if status != "done":
+            detail = (m.get("error") or {}).get("message", "")
+            return "broken", f"manifest status {status!r} ({detail})"
+        if m.get("key") != self.config_key(stage):
+            return "stale", self._why_key_differs(stage, m)
+        for u in UPSTREAM[stage]:
+            ustate, ureason = self.state(u)
+            if ustate != "fresh":
+                return "stale", f"upstream {u} is {ustate}" + (f" ({ureason})" if ureason else "")
+            recorded = (m.get("upstream") or {}).get(u) or {}
+            if recorded.get("build_id") != self.manifest(u).get("build_id"):
+                return "stale", f"upstream {u} was rebuilt after this stage ran"
+        problem = self._artifact_problem(stage, m)
+        if problem:
+            return "broken", problem
+        return "fresh", ""
+
+    def _why_key_differs(self, stage: str, m: dict[str, Any]) -> str:
+        then, now = m.get("config") or {}, self.affecting_fields(stage)
+        diffs = []
+        for name in sorted(set(then) | set(now)):
+            if name not in then:
+                diffs.append(f"config field {name} is new ({now[name]!r})")
+            elif name not in now:
+                diffs.append(f"config field {name} no longer exists")
+            elif then[name] != now[name]:
+                diffs.append(f"config field {name} changed ({then[name]!r} -> {now[name]!r})")
+        return "; ".join(diffs) or "its cache key changed (puzzlelib's key scheme changed)"
+
+    def _artifact_problem(self, stage: str, m: dict[str, Any]) -> str:
+        d = self.stage_dir(stage)
+        for a in m.get("artifacts", []):
+            p = d / a["path"]
+            if not p.is_file():
+                return f"artifact {p} is missing"
+            size = p.stat().st_size
+            if size != a["bytes"]:
+                return (f"artifact {p} has {size} bytes, expected {a['bytes']} "
+                        "(truncated or modified)")
+        return ""
+
+    def verify(self, stage: str) -> list[str]:
+        """Full check: re-hash every artifact. Returns the problems (empty = all intact)."""
+        m = self.manifest(stage) or {}
+        problems = []
+        for a in m.get("artifacts", []):
+            p = self.stage_dir(stage) / a["path"]
+            if not p.is_file():
+                problems.append(f"{p}: missing")
+            elif file_sha256(p) != a["sha256"]:
+                problems.append(f"{p}: sha256 differs from the manifest")
+        return problems
+
+    def is_fresh(self, stage: str) -> bool:
+        return self.state(stage)[0] == "fresh"
+
+    def should_run(self, stage: str, force: bool | None = None) -> bool:
+        """True unless the stage is fresh and neither `force` nor cfg.force asks to redo it."""
+        force = self.cfg.force if force is None else force
+        return force or not self.is_fresh(stage)
+
+    def note_reused(self, stage: str) -> dict[str, Any]:
+        """Say (in the notebook's output) that a fresh stage is reused, and return its manifest.
+        Nothing is written: a reuse must not race a concurrent reader of the manifest."""
+        m = self.require(stage)
+        print(f"{stage}: reusing fresh artifacts in {self.stage_dir(stage)} (built "
+              f"{m.get('finished')} in {m.get('seconds')} s, key {m.get('key')}); set "
+              "force=True or pass --force to recompute", flush=True)
+        return m
+
+    def how_to_run(self, stage: str) -> str:
+        cmd = f"python -m puzzlelib run --preset {self.cfg.preset}"
+        if self.cfg.run_name != self.cfg.preset:
+            cmd += f" --run-name {self.cfg.run_name}"
+        return f"Run {NOTEBOOKS[stage]} (or `{cmd} --stages {stage[:2]}`)"
+
+    def require(self, stage: str) -> dict[str, Any]:
+        """Return the stage's manifest if it is fresh, else raise StageNotReady saying why."""
+        state, reason = self.state(stage)
+        if state == "fresh":
+            return self.manifest(stage)  # type: ignore[return-value]
+        status = state + (f": {reason}" if reason else "")
+        raise StageNotReady(f"Stage {stage} has not finished for run {self.cfg.run_name!r} "
+                            f"(status: {status}). {self.how_to_run(stage)} first.")
+
+    def _lock_is_held(self, stage: str) -> bool:
+        path = self._lock_path(stage)
+        if not path.exists():
+            return False
+        lock = FileLock(path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
+    # ---- running a stage ----
+    @contextmanager
+    def stage(self, stage: str, check_upstream: bool = True) -> Iterator[Stage]:
+        """Lock the stage, mark it running, and record done/failed on exit (see module doc)."""
+        _check_stage(stage)
+        upstream = {}
+        for u in UPSTREAM[stage]:
+            um = self.require(u) if check_upstream else (self.manifest(u) or {})
+            upstream[u] = {"key": um.get("key"), "build_id": um.get("build_id")}
+        lock_path = self._lock_path(stage)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise StageLocked(f"another process is running stage {stage} of run "
+                              f"{self.cfg.run_name!r} (lock file {lock_path}); wait for it to "
+                              "finish or use another run_name") from None
+        try:
+            st = Stage(stage, self.stage_dir(stage), self.config_key(stage), uuid.uuid4().hex)
+            st.dir.mkdir(parents=True, exist_ok=True)
+            if self._env is None:
+                self._env = environment_info(self.cfg)
+            m: dict[str, Any] = {
+                "stage": stage, "run_name": self.cfg.run_name, "status": "running",
+                "key": st.key, "build_id": st.build_id, "config_hash": self.cfg.hash(stage),
+                "config": self.affecting_fields(stage), "upstream": upstream,
+                "started": _now(), "pid": os.getpid(), "host": socket.gethostname(),
+                "environment": self._env,
+            }
+            manifest_path = st.dir / MANIFEST
+            atomic_write_json(manifest_path, m)
+            t0 = time.perf_counter()
+            try:
+                yield st
+                # Inside the try: failing to hash or to serialise metrics is a stage failure.
+                artifacts = _list_artifacts(st.dir)
+                json.dumps(st.metrics, default=_json_default)
+            except BaseException as exc:  # KeyboardInterrupt too: the manifest must not say running
+                m.update(status="failed", finished=_now(), metrics=_jsonable(st.metrics),
+                         seconds=round(time.perf_counter() - t0, 3), error={
+                             "type": type(exc).__name__, "message": str(exc) or repr(exc),
+                             "traceback": traceback.format_exc().splitlines()[-30:]})
+                atomic_write_json(manifest_path, m)
+                raise
+            m.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 3),
+                     metrics=st.metrics, artifacts=artifacts)
+            atomic_write_json(manifest_path, m)
+        finally:
+            lock.release()
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """[(stage, state, reason)] for every stage, for `python -m puzzlelib status`."""
+        return [(s, *self.state(s)) for s in STAGES]
+
+
+def _jsonable(metrics: dict[str, Any]) -> Any:
+    try:
+        json.dumps(metrics, default=_json_default)
+        return metrics
+    except (TypeError, ValueError):
+        return {"unserializable": repr(metrics)[:2000]}
+
+
+def _list_artifacts(d: Path) -> list[dict[str, Any]]:
+    """Every file under the stage folder except the manifest and dot-files (temp leftovers)."""
+    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != MANIFEST
+             and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+    total = sum(p.stat().st_size for p in files)
+    out = []
+    # Hashing a multi-GB checkpoint takes a while: show progress only when it will.
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"hashing {d.name}",
+              disable=total < 256 << 20) as bar:
+        for p in files:
+            out.append({"path": p.relative_to(d).as_posix(), "bytes": p.stat().st_size,
+                        "sha256": file_sha256(p)})
+            bar.update(p.stat().st_size)
+    return out
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
