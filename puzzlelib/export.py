@@ -90,6 +90,14 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def tensors_to_save(model: PuzzleForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors as stored on disk: contiguous, on CPU, tied LM head stored once."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # it *is* the embedding
+    return state
+
+
 def save_checkpoint(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer=None,
                     extra_files: dict[str, str] | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` (+ ``tokenizer``) as a self-contained DeciLM checkpoint at ``out_dir``."""
@@ -99,10 +107,7 @@ def save_checkpoint(model: PuzzleForCausalLM, out_dir: str | Path, tokenizer=Non
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # stored once, as the embedding
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(decilm_config_dict(model.config), indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import data
 from .config import RunConfig
-from .export import load_checkpoint, save_checkpoint
+from .export import load_checkpoint, save_checkpoint, tensors_to_save
 from .model import PuzzleConfig, PuzzleForCausalLM, count_params, load_parent
 from .rundir import RunDir, atomic_dir, atomic_write_json
 
@@ -75,7 +75,7 @@ def prepare_data(cfg: RunConfig, out: Path, tokenizer=None):
     corpus = data.load_corpus(cfg.corpus, cfg.corpus_max_bytes, cfg.heldout_fraction, cfg.seed)
     if tokenizer is None:
         tokenizer = data.train_tokenizer(corpus.train_docs, cfg.vocab_size, out / "tokenizer",
-                                         seq_len=cfg.seq_len, max_train_bytes=cfg.tokenizer_train_bytes)
+                                         seq_len=max_positions(cfg), max_train_bytes=cfg.tokenizer_train_bytes)
     info = data.build_token_cache(corpus, tokenizer, out / "tokens")
     atomic_write_json(out / "corpus.json", corpus.summary())
     train = data.load_tokens(out / "tokens", "train")
@@ -90,13 +90,18 @@ def prepare_data(cfg: RunConfig, out: Path, tokenizer=None):
 
 # ------------------------------------------------------------------------------- the model
 
+def max_positions(cfg: RunConfig) -> int:
+    """Positions the embedded parent supports: room beyond seq_len for prompts + generation."""
+    return max(4 * cfg.seq_len, 256)
+
+
 def embedded_config(cfg: RunConfig, tokenizer) -> PuzzleConfig:
     """The embedded default parent's architecture from the run config."""
     return PuzzleConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.parent_hidden_size,
         intermediate_size=cfg.parent_intermediate_size, num_hidden_layers=cfg.parent_num_layers,
         num_attention_heads=cfg.parent_num_heads, num_key_value_heads=cfg.parent_num_kv_heads,
-        max_position_embeddings=max(cfg.seq_len, 256), tie_word_embeddings=cfg.parent_tie_embeddings,
+        max_position_embeddings=max_positions(cfg), tie_word_embeddings=cfg.parent_tie_embeddings,
         rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -175,7 +180,7 @@ def evaluate(model: PuzzleForCausalLM, held: np.ndarray, cfg: RunConfig, max_tok
 
 def _save_train_state(state_dir: Path, model, opt, step: int, history: dict, key: str) -> None:
     with atomic_dir(state_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(tensors_to_save(model), str(tmp / "model.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
 
@@ -189,7 +194,9 @@ def _load_train_state(state_dir: Path, model, opt, key: str):
     if state.get("key") != key:
         shutil.rmtree(state_dir, ignore_errors=True)  # made under another config: useless
         return None
-    model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+    model.load_state_dict(load_file(str(state_dir / "model.safetensors")), strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
     # weights_only: the optimizer state is tensors and numbers; never unpickle arbitrary objects.
     opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
     return state["step"], state["history"]

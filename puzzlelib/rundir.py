@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import PIPELINE_STAGES, RunConfig
 

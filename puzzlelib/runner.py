@@ -117,6 +117,9 @@ def kernel_env(repo_root: Path, base: dict[str, str] | None = None) -> dict[str,
         "MPLCONFIGDIR": str(cache / "matplotlib"),
         "TOKENIZERS_PARALLELISM": "false",  # tokenizers + fork warns and may deadlock
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # silences the kernel debugger's frozen-modules note
+        # A saved notebook keeps every progress-bar redraw as text: redraw at most every 10 s so
+        # the report shows the progress, not thousands of lines of it.
+        "TQDM_MININTERVAL": "10",
     }
     for k, v in defaults.items():
         env.setdefault(k, v)

@@ -1,0 +1,59 @@
+# puzzlelib — two commands do everything on a fresh machine:
+#   make reproduce   virtualenv + install + every notebook on the `default` preset -> reports/default/
+#   make test        virtualenv (if missing) + the test suite
+# Each target installs what it needs; nothing is written outside this folder (caches go to .cache/).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PRESET ?= default
+RUN    ?= $(PRESET)
+# Jupyter, IPython, matplotlib and Hugging Face write to ~ unless told otherwise.
+export JUPYTER_CONFIG_DIR   := $(CURDIR)/.cache/jupyter/config
+export JUPYTER_DATA_DIR     := $(CURDIR)/.cache/jupyter/data
+export JUPYTER_RUNTIME_DIR  := $(CURDIR)/.cache/jupyter/runtime
+export JUPYTER_PLATFORM_DIRS := 1
+export IPYTHONDIR           := $(CURDIR)/.cache/ipython
+export MPLCONFIGDIR         := $(CURDIR)/.cache/matplotlib
+export HF_HOME              := $(CURDIR)/.cache/hf
+export HF_HUB_OFFLINE       ?= 1
+export HF_DATASETS_OFFLINE  ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv reproduce run test test-fast lab bench clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "puzzlelib pins Python 3.11 (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: a CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (puzzlelib)" > /dev/null
+	@touch $@
+
+reproduce: $(STAMP)
+	$(BIN)/python -m puzzlelib run --preset default --run-name default
+
+run: $(STAMP)   # make run PRESET=smoke RUN=mysmoke
+	$(BIN)/python -m puzzlelib run --preset $(PRESET) --run-name $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)   # skips the notebook smoke runs
+	$(BIN)/python -m pytest -m "not slow"
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_children.py
+
+clean:
+	rm -rf runs/ .cache/ .pytest_cache/
+
+distclean: clean
+	rm -rf $(VENV)
