@@ -404,12 +404,30 @@ class RunDir:
         return force or not self.is_fresh(stage)
 
     def note_reused(self, stage: str) -> dict[str, Any]:
-        """Say (in the notebook's output) that a fresh stage is reused, and return its manifest.
-        Nothing is written: a reuse must not race a concurrent reader of the manifest."""
+        """Say (in the notebook's output) that a fresh stage is reused, record the reuse in its
+        manifest (``reuses``: the last 20, with time and pid), and return the manifest.
+
+        The manifest is rewritten atomically under the stage lock, so a concurrent reader sees the
+        old or the new file, never a partial one; if another process holds the lock, the reuse is
+        only printed, not recorded.
+        """
+        from filelock import FileLock, Timeout
+
         m = self.require(stage)
         print(f"{stage}: reusing fresh artifacts in {self.stage_dir(stage)} (built "
               f"{m.get('finished')} in {m.get('seconds')} s, key {m.get('key')}); set "
               "force=True or pass --force to recompute", flush=True)
+        lock = FileLock(self._lock_path(stage), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return m
+        try:
+            m = self.manifest(stage) or m
+            m["reuses"] = (m.get("reuses") or [])[-19:] + [{"at": _now(), "pid": os.getpid()}]
+            atomic_write_json(self.stage_dir(stage) / MANIFEST, m)
+        finally:
+            lock.release()
         return m
 
     def how_to_run(self, stage: str) -> str:

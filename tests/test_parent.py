@@ -43,6 +43,8 @@ def test_stage_layout_metrics_and_reuse(tmp_path):
     assert RunDir(cfg).manifest("00_parent")["status"] == "done"
     again = parent.run(cfg)
     assert again.reused and again.metrics == m
+    assert len(RunDir(cfg).manifest("00_parent")["reuses"]) == 1   # the manifest says so
+    assert RunDir(cfg).is_fresh("00_parent")                         # and recording it kept it fresh
     # A field of this stage changes -> stale -> retrained.
     changed = parent.run(cfg.replace(parent_lr=2e-3))
     assert not changed.reused and changed.metrics["heldout_loss"] != m["heldout_loss"]
