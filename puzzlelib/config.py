@@ -116,6 +116,63 @@ class RunConfig:
     parent_checkpoint_every: int = _f(100, "00_parent")  # steps between resumable saves; 0 = never
     dtype: str = _f("float32", "00_parent", DTYPES)  # weights dtype the later stages load
 
+    # ---- 01_profiling: measured cost of every sub-block variant on the target device ----------
+    profile_batch_sizes: str = _f("1,8", "01_profiling")  # comma-separated; one scenario per size
+    profile_prompt_len: int = _f(128, "01_profiling")  # prompt tokens per sequence (prefill)
+    profile_gen_len: int = _f(64, "01_profiling")  # new tokens; decode timed at prompt+gen//2 context
+    profile_warmup: int = _f(2, "01_profiling")  # untimed calls per bench before sampling
+    profile_repeats: int = _f(15, "01_profiling")  # interleaved timing rounds (median, p10/p90)
+    profile_num_random_children: int = _f(12, "01_profiling")  # children in the additivity check
+
+    # ---- 02_bld: the block library, by blockwise local distillation ----------------------------
+    # Variant lists are comma-separated strings (RunConfig fields are scalars). The parent's own
+    # sub-blocks are always in the library (copied and measured, not trained).
+    bld_kv_heads: str = _f("auto", "02_bld")  # GQA KV-head counts, e.g. "2,1"; "auto" = every divisor of the query heads <= the parent's; "" = none
+    bld_ffn_fractions: str = _f("1.0,0.875,0.75,0.5,0.25,0.2,0.1", "02_bld")  # SwiGLU widths as fractions of the parent's (the paper's menu); "" = none
+    bld_include_linear: bool = _f(True, "02_bld")  # add attn:linear and ffn:linear (vLLM cannot serve them)
+    bld_include_noop: bool = _f(True, "02_bld")  # add attn:noop and ffn:noop (nothing to train; measured)
+    bld_coupled_pairs: str = _f("", "02_bld")  # optional coupled BLD, every layer: "attn:kv1+ffn:0.50,attn:noop+ffn:0.25"
+    bld_tokens_per_variant: int = _f(262_144, "02_bld")  # training tokens of EVERY trained (layer, variant) block
+    bld_batch_size: int = _f(16, "02_bld")  # sequences of seq_len tokens per BLD step
+    bld_lr: float = _f(1e-3, "02_bld")  # AdamW peak learning rate of each block
+    bld_min_lr_ratio: float = _f(0.1, "02_bld")  # cosine decay floor, as a fraction of peak
+    bld_warmup_steps: int = _f(4, "02_bld")  # linear warm-up steps of each block
+    bld_weight_decay: float = _f(0.0, "02_bld")  # AdamW decay (0: blocks start at the parent's weights)
+    bld_grad_clip: float = _f(1.0, "02_bld")  # max grad norm per block; 0 disables clipping
+    bld_calib_tokens: int = _f(65_536, "02_bld")  # train tokens measuring FFN channel contributions (pruning order)
+    bld_eval_tokens: int = _f(16_384, "02_bld")  # held-out tokens for normalized MSE before/during/after
+    bld_eval_every: int = _f(16, "02_bld")  # steps between held-out evaluations of a block; 0 = before/after only
+    bld_autocast_bf16: bool = _f(False, "02_bld")  # bf16 autocast for block training (evaluation stays fp32)
+    bld_activations_on_disk: bool = _f(False, "run")  # parent activations in memory-mapped files instead of RAM (same numbers)
+
+    # ---- 03_scoring: replace-1-block scores of every library block -----------------------------
+    scoring_tokens: int = _f(16_384, "03_scoring")  # held-out tokens every candidate is scored on (capped by the held-out set)
+    scoring_batch_size: int = _f(8, "03_scoring")  # sequences of seq_len per forward (memory vs speed)
+    scoring_include_init: bool = _f(True, "03_scoring")  # also score each trained variant straight from init: what BLD buys
+    scoring_interaction_children: int = _f(8, "03_scoring")  # random multi-block children in the additivity (EvoPress) check; 0 = skip
+    scoring_interaction_seed: int = _f(0, "03_scoring")  # which children that check draws
+    scoring_naive_check: int = _f(8, "03_scoring")  # candidates re-scored by full forwards (equality + speed-up); 0 = skip
+
+    # 05_gkd: global knowledge distillation of the chosen children against the frozen parent.
+    gkd_children: str = _f("all", "05_gkd")  # children of stage 04 to distil: "all" or comma-separated names
+    gkd_tokens: int = _f(262_144, "05_gkd")  # training tokens per child (the same for every child: fair)
+    gkd_batch_size: int = _f(16, "05_gkd")  # sequences per optimizer step (global, across processes)
+    gkd_grad_accum: int = _f(1, "05_gkd")  # micro-batches per step (memory, not maths: same result)
+    gkd_lr: float = _f(3e-4, "05_gkd")  # AdamW peak learning rate
+    gkd_min_lr_ratio: float = _f(0.1, "05_gkd")  # cosine decay floor, as a fraction of peak
+    gkd_warmup_steps: int = _f(4, "05_gkd")  # linear warm-up steps
+    gkd_weight_decay: float = _f(0.0, "05_gkd")  # AdamW decay (0: the child starts from trained blocks)
+    gkd_grad_clip: float = _f(1.0, "05_gkd")  # max global grad norm; 0 disables clipping
+    gkd_cos_weight: float = _f(1.0, "05_gkd")  # weight of sum over layers of (1 - cos(child, parent hidden))
+    gkd_kl_weight: float = _f(1.0, "05_gkd")  # weight of KL(parent || child) on next-token distributions
+    gkd_lm_weight: float = _f(0.0, "05_gkd")  # weight of the LM loss on the data (paper: hurts; off)
+    gkd_autocast_bf16: bool = _f(True, "05_gkd")  # bf16 autocast for the forward passes
+    gkd_eval_every: int = _f(16, "05_gkd")  # steps between held-out evaluations; 0 = only at the end
+    gkd_eval_tokens: int = _f(16_384, "05_gkd")  # held-out tokens per evaluation
+    gkd_checkpoint_every: int = _f(16, "05_gkd")  # steps between resumable checkpoints; 0 = never
+    gkd_ablation: bool = _f(True, "05_gkd")  # also distil the first child with each loss alone (paper's table)
+    gkd_ablation_tokens: int = _f(131_072, "05_gkd")  # tokens per ablation run
+
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         # Coerce first (1 -> 1.0 for floats, 2e6 -> 2000000 for ints) so the canonical JSON, and
@@ -241,6 +298,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         parent_intermediate_size=192, parent_train_tokens=2_000_000, parent_batch_size=32,
         parent_lr=3e-3, parent_warmup_steps=30, parent_autocast_bf16=False,
         parent_eval_every=100, parent_eval_tokens=16_384, parent_checkpoint_every=200,
+        # 01_profiling in seconds: small scenarios, few repeats, a handful of children.
+        profile_batch_sizes="1,4", profile_prompt_len=32, profile_gen_len=16, profile_warmup=1,
+        profile_repeats=5, profile_num_random_children=4,
+        # 02_bld: a smaller FFN menu and 64k tokens per block (see bld.py's budget note).
+        bld_ffn_fractions="1.0,0.75,0.5,0.25,0.1", bld_tokens_per_variant=65_536,
+        bld_batch_size=32, bld_lr=2e-3, bld_calib_tokens=16_384, bld_eval_tokens=8_192,
+        bld_eval_every=8,
+        # 05_gkd: a few steps per child, fp32 (bf16 autocast is slower at this size).
+        gkd_tokens=32_768, gkd_batch_size=16, gkd_lr=1e-3, gkd_autocast_bf16=False,
+        gkd_eval_every=8, gkd_eval_tokens=4_096, gkd_checkpoint_every=8, gkd_ablation_tokens=16_384,
     ),
     # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
     # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
@@ -373,6 +440,15 @@ def _range_errors(c: RunConfig) -> list[str]:
     need(c.seq_len >= 2,
          f"seq_len must be >= 2 (an input and a next-token target), got {c.seq_len}")
     need(bool(c.parent.strip()), "parent must be 'embedded', a local HF directory or a hub id")
+    for name in ("gkd_tokens", "gkd_batch_size", "gkd_grad_accum", "gkd_ablation_tokens", "gkd_eval_tokens"):
+        need(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)} (the GKD budget is in "
+             "tokens per child, e.g. gkd_tokens=262144)")
+    need(c.gkd_lr > 0, f"gkd_lr must be > 0, got {c.gkd_lr}")
+    need(min(c.gkd_cos_weight, c.gkd_kl_weight, c.gkd_lm_weight) >= 0
+         and c.gkd_cos_weight + c.gkd_kl_weight + c.gkd_lm_weight > 0,
+         "gkd_cos_weight, gkd_kl_weight and gkd_lm_weight must be >= 0 and not all 0")
+    need(c.gkd_batch_size % max(c.gkd_grad_accum, 1) == 0,
+         f"gkd_batch_size ({c.gkd_batch_size}) must be divisible by gkd_grad_accum ({c.gkd_grad_accum})")
     for name in ("parent_hidden_size", "parent_num_layers", "parent_num_heads",
                  "parent_num_kv_heads", "parent_intermediate_size", "parent_batch_size",
                  "parent_eval_every", "parent_eval_tokens"):
@@ -399,6 +475,63 @@ def _range_errors(c: RunConfig) -> list[str]:
         need(getattr(c, name) >= 0, f"{name} must be >= 0, got {getattr(c, name)}")
     need(c.parent_checkpoint_every >= 0,
          f"parent_checkpoint_every must be >= 0 (0 = never), got {c.parent_checkpoint_every}")
+    need(re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", c.profile_batch_sizes) is not None,
+         f"profile_batch_sizes must be comma-separated batch sizes >= 1, e.g. '1,8', got "
+         f"{c.profile_batch_sizes!r}")
+    for name in ("profile_prompt_len", "profile_gen_len", "profile_repeats",
+                 "profile_num_random_children"):
+        need(getattr(c, name) >= 1, f"{name} must be >= 1, got {getattr(c, name)}")
+    need(c.profile_warmup >= 0, f"profile_warmup must be >= 0, got {c.profile_warmup}")
+    e += _bld_errors(c)
+    need(c.scoring_tokens >= c.seq_len, f"scoring_tokens must cover at least one sequence of "
+         f"seq_len = {c.seq_len} tokens, got {c.scoring_tokens} (e.g. 16384)")
+    need(c.scoring_batch_size >= 1, f"scoring_batch_size must be >= 1, got {c.scoring_batch_size}")
+    need(c.scoring_interaction_children == 0 or c.scoring_interaction_children >= 3,
+         f"scoring_interaction_children must be 0 (skip) or >= 3 (a correlation needs 3 points), "
+         f"got {c.scoring_interaction_children}")
+    need(0 <= c.scoring_interaction_seed < 2**32,
+         f"scoring_interaction_seed must be in [0, 2**32), got {c.scoring_interaction_seed}")
+    need(c.scoring_naive_check >= 0, f"scoring_naive_check must be >= 0, got {c.scoring_naive_check}")
+    return e
+
+
+def _bld_errors(c: RunConfig) -> list[str]:
+    """02_bld's checks that need no parent (bld.plan checks the rest against the parent)."""
+    e = []
+    for name in ("bld_tokens_per_variant", "bld_batch_size", "bld_calib_tokens", "bld_eval_tokens"):
+        if getattr(c, name) <= 0:
+            e.append(f"{name} must be > 0, got {getattr(c, name)}"
+                     + (" (every trained block needs a token budget, e.g. 262144)"
+                        if name == "bld_tokens_per_variant" else ""))
+    for name in ("bld_warmup_steps", "bld_weight_decay", "bld_grad_clip", "bld_eval_every"):
+        if getattr(c, name) < 0:
+            e.append(f"{name} must be >= 0, got {getattr(c, name)}")
+    if not c.bld_lr > 0:
+        e.append(f"bld_lr must be > 0, got {c.bld_lr}")
+    if not 0 <= c.bld_min_lr_ratio <= 1:
+        e.append(f"bld_min_lr_ratio must be in [0, 1], got {c.bld_min_lr_ratio}")
+    items = lambda s: [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
+    kv = [] if c.bld_kv_heads.strip() == "auto" else items(c.bld_kv_heads)
+    if not all(t.isdigit() and int(t) > 0 for t in kv):
+        e.append(f"bld_kv_heads must be 'auto' or comma-separated KV-head counts >= 1, e.g. "
+                 f"'2,1', got {c.bld_kv_heads!r}")
+    try:
+        fr = [float(t) for t in items(c.bld_ffn_fractions)]
+        if not all(0 < f <= 1 for f in fr):
+            raise ValueError
+    except ValueError:
+        fr = []
+        e.append(f"bld_ffn_fractions must be comma-separated fractions in (0, 1], e.g. "
+                 f"'1.0,0.5,0.25', got {c.bld_ffn_fractions!r}")
+    pairs = items(c.bld_coupled_pairs)
+    if not all(re.fullmatch(r"attn:[a-z0-9.]+\+ffn:[a-z0-9.]+", p) for p in pairs):
+        e.append(f"bld_coupled_pairs must be comma-separated 'attn:<variant>+ffn:<variant>' "
+                 f"pairs, e.g. 'attn:kv1+ffn:0.50', got {c.bld_coupled_pairs!r}")
+    if (c.bld_kv_heads.strip() != "auto" and not kv and not [f for f in fr if f < 1]
+            and not c.bld_include_linear and not c.bld_include_noop and not pairs):
+        e.append("the BLD variant list is empty (bld_kv_heads, bld_ffn_fractions, "
+                 "bld_include_linear, bld_include_noop, bld_coupled_pairs select nothing but the "
+                 "parent's own sub-blocks): select at least one variant, e.g. bld_kv_heads='auto'")
     return e
 
 
