@@ -123,6 +123,8 @@ class RunConfig:
     profile_warmup: int = _f(2, "01_profiling")  # untimed calls per bench before sampling
     profile_repeats: int = _f(15, "01_profiling")  # interleaved timing rounds (median, p10/p90)
     profile_num_random_children: int = _f(12, "01_profiling")  # children in the additivity check
+    profile_clock: str = _f("wall", "01_profiling", ("wall", "cpu"))  # wall = elapsed; cpu = 1-thread CPU time, immune to other processes
+    profile_statistic: str = _f("median", "01_profiling", ("median", "p10", "min"))  # how samples become the table's ms (noise only adds time)
 
     # ---- 02_bld: the block library, by blockwise local distillation ----------------------------
     # Variant lists are comma-separated strings (RunConfig fields are scalars). The parent's own
@@ -132,26 +134,47 @@ class RunConfig:
     bld_include_linear: bool = _f(True, "02_bld")  # add attn:linear and ffn:linear (vLLM cannot serve them)
     bld_include_noop: bool = _f(True, "02_bld")  # add attn:noop and ffn:noop (nothing to train; measured)
     bld_coupled_pairs: str = _f("", "02_bld")  # optional coupled BLD, every layer: "attn:kv1+ffn:0.50,attn:noop+ffn:0.25"
-    bld_tokens_per_variant: int = _f(262_144, "02_bld")  # training tokens of EVERY trained (layer, variant) block
-    bld_batch_size: int = _f(16, "02_bld")  # sequences of seq_len tokens per BLD step
-    bld_lr: float = _f(1e-3, "02_bld")  # AdamW peak learning rate of each block
+    # Default budget: 131k tokens (64 steps of 8x256) for each of the 80 trained blocks, about
+    # 3 min on 2 busy CPU cores with bf16 autocast (bld.py's docstring has the measurements).
+    bld_tokens_per_variant: int = _f(131_072, "02_bld")  # training tokens of EVERY trained (layer, variant) block
+    bld_batch_size: int = _f(8, "02_bld")  # sequences of seq_len tokens per BLD step
+    bld_lr: float = _f(5e-4, "02_bld")  # AdamW peak learning rate of each block (1e-3 made ffn:0.875 worse)
     bld_min_lr_ratio: float = _f(0.1, "02_bld")  # cosine decay floor, as a fraction of peak
     bld_warmup_steps: int = _f(4, "02_bld")  # linear warm-up steps of each block
     bld_weight_decay: float = _f(0.0, "02_bld")  # AdamW decay (0: blocks start at the parent's weights)
     bld_grad_clip: float = _f(1.0, "02_bld")  # max grad norm per block; 0 disables clipping
     bld_calib_tokens: int = _f(65_536, "02_bld")  # train tokens measuring FFN channel contributions (pruning order)
-    bld_eval_tokens: int = _f(16_384, "02_bld")  # held-out tokens for normalized MSE before/during/after
-    bld_eval_every: int = _f(16, "02_bld")  # steps between held-out evaluations of a block; 0 = before/after only
-    bld_autocast_bf16: bool = _f(False, "02_bld")  # bf16 autocast for block training (evaluation stays fp32)
+    bld_eval_tokens: int = _f(8_192, "02_bld")  # held-out tokens for normalized MSE before/during/after
+    bld_eval_every: int = _f(32, "02_bld")  # steps between held-out evaluations of a block; 0 = before/after only
+    bld_autocast_bf16: bool = _f(True, "02_bld")  # bf16 autocast for block training (targets and evaluation stay fp32)
     bld_activations_on_disk: bool = _f(False, "run")  # parent activations in memory-mapped files instead of RAM (same numbers)
 
     # ---- 03_scoring: replace-1-block scores of every library block -----------------------------
-    scoring_tokens: int = _f(16_384, "03_scoring")  # held-out tokens every candidate is scored on (capped by the held-out set)
+    scoring_tokens: int = _f(4_096, "03_scoring")  # held-out tokens every candidate is scored on (capped by the held-out set)
     scoring_batch_size: int = _f(8, "03_scoring")  # sequences of seq_len per forward (memory vs speed)
     scoring_include_init: bool = _f(True, "03_scoring")  # also score each trained variant straight from init: what BLD buys
     scoring_interaction_children: int = _f(8, "03_scoring")  # random multi-block children in the additivity (EvoPress) check; 0 = skip
     scoring_interaction_seed: int = _f(0, "03_scoring")  # which children that check draws
     scoring_naive_check: int = _f(8, "03_scoring")  # candidates re-scored by full forwards (equality + speed-up); 0 = skip
+
+    # ---- 04_search: the MIP over (layer, attention, FFN) under device budgets --------------------
+    search_metric: str = _f("kl", "04_search", ("kl", "lm_loss", "lm_loss_delta", "top1_agreement", "nmse"))  # stage-03 score column the search sums over blocks (degradation vs the parent)
+    search_speedup: float = _f(2.0, "04_search")  # min throughput as a multiple of the parent's best-batch throughput; 0 = off
+    search_min_tokens_per_s: float = _f(0.0, "04_search")  # min generated tokens/s at the chosen batch size; 0 = off
+    search_max_latency_ms: float = _f(0.0, "04_search")  # max ms for one scenario (prefill + gen_len decode steps); 0 = off
+    search_max_memory_mib: float = _f(0.0, "04_search")  # max weights + batch x (prompt+gen) x KV cache, MiB; 0 = off
+    search_max_params_ratio: float = _f(0.0, "04_search")  # max parameters as a fraction of the parent's; 0 = off
+    search_batch_sizes: str = _f("", "04_search")  # batch sizes solved (best kept), e.g. "1,8"; "" = every profiled one
+    search_num_solutions: int = _f(3, "04_search")  # diverse MIP solutions, each a child spec for 05_gkd
+    search_min_diff_fraction: float = _f(0.2, "04_search")  # each solution differs from every earlier one in >= this share of layers
+    search_pareto_speedups: str = _f("1.25,1.5,2,2.5,3", "04_search")  # speed-up targets of the Pareto sweep
+    search_solver: str = _f("auto", "04_search", ("auto", "gurobi", "highs"))  # auto: gurobipy if installed and its licence admits the model, else HiGHS
+    search_time_limit_s: float = _f(60.0, "04_search")  # wall-clock limit of each MIP solve
+    search_mip_gap: float = _f(1e-6, "04_search")  # relative optimality gap at which a solve stops
+    search_exclude_linear: bool = _f(False, "04_search")  # leave attn/ffn:linear out (vLLM cannot serve them)
+    search_influence_tokens: int = _f(16_384, "04_search")  # held-out tokens measuring block influence (depth baseline)
+    search_random_tries: int = _f(2000, "04_search")  # uniform library draws the random baseline tries before a random MIP point
+    search_measure: bool = _f(True, "04_search")  # re-check every child with measured end-to-end timings (stage 01's method)
 
     # 05_gkd: global knowledge distillation of the chosen children against the frozen parent.
     gkd_children: str = _f("all", "05_gkd")  # children of stage 04 to distil: "all" or comma-separated names
@@ -172,6 +195,23 @@ class RunConfig:
     gkd_checkpoint_every: int = _f(16, "05_gkd")  # steps between resumable checkpoints; 0 = never
     gkd_ablation: bool = _f(True, "05_gkd")  # also distil the first child with each loss alone (paper's table)
     gkd_ablation_tokens: int = _f(131_072, "05_gkd")  # tokens per ablation run
+
+    # ---- 06_evaluation: accuracy retained (lm-eval, local held-out tasks) and measured speed -----
+    # Sample counts set the stage's time: every model answers every sample (4 choices, plus 4
+    # context-free scores for next-line), so they are sized for ~3-4 min on 2 cores by default.
+    eval_next_line_samples: int = _f(150, "06_evaluation")  # "which line comes next" 4-way samples (chance 0.25)
+    eval_name_samples: int = _f(150, "06_evaluation")  # "which name comes next" 4-way samples (chance 0.25)
+    eval_bpb_chunks: int = _f(24, "06_evaluation")  # held-out chunks scored for bits per byte
+    eval_bpb_chunk_bytes: int = _f(1024, "06_evaluation")  # max bytes per bits-per-byte chunk (cut at line ends)
+    eval_context_lines: int = _f(4, "06_evaluation")  # preceding lines shown as context in the choice tasks
+    eval_batch_size: int = _f(16, "06_evaluation")  # lm-eval batch size (memory vs speed; same numbers)
+    eval_before_gkd: str = _f("best", "06_evaluation", ("none", "best", "mip", "all"))  # children also evaluated straight from the BLD library: best MIP, every MIP, all, or none
+    eval_hf_tasks: str = _f("", "06_evaluation")  # standard lm-eval tasks too, e.g. "mmlu,hellaswag,arc_easy" (needs network or a filled HF cache)
+    eval_hf_limit: int = _f(0, "06_evaluation")  # samples per standard task; 0 = all
+    eval_speed_rounds: int = _f(4, "06_evaluation")  # interleaved throughput rounds over all models (median)
+    eval_speed_warmup: int = _f(1, "06_evaluation")  # untimed rounds before them
+    eval_calibration_bins: int = _f(10, "06_evaluation")  # equal-width confidence bins of the ECE
+    eval_bootstrap: int = _f(1000, "06_evaluation")  # paired bootstrap resamples for retention intervals; 0 = none
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -300,23 +340,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         parent_eval_every=100, parent_eval_tokens=16_384, parent_checkpoint_every=200,
         # 01_profiling in seconds: small scenarios, few repeats, a handful of children.
         profile_batch_sizes="1,4", profile_prompt_len=32, profile_gen_len=16, profile_warmup=1,
-        profile_repeats=5, profile_num_random_children=4,
-        # 02_bld: a smaller FFN menu and 64k tokens per block (see bld.py's budget note).
+        profile_repeats=5, profile_num_random_children=4, profile_clock="cpu",
+        # 02_bld: a smaller FFN menu, 64k tokens per block (64 steps of 16x64): 44 blocks in
+        # ~8 s on one core. 5e-3 beat 2e-3 and 1e-3 on every variant at this budget.
         bld_ffn_fractions="1.0,0.75,0.5,0.25,0.1", bld_tokens_per_variant=65_536,
-        bld_batch_size=32, bld_lr=2e-3, bld_calib_tokens=16_384, bld_eval_tokens=8_192,
-        bld_eval_every=8,
+        bld_batch_size=16, bld_lr=5e-3, bld_calib_tokens=16_384, bld_eval_tokens=8_192,
+        bld_eval_every=8, bld_autocast_bf16=False,
         # 05_gkd: a few steps per child, fp32 (bf16 autocast is slower at this size).
         gkd_tokens=32_768, gkd_batch_size=16, gkd_lr=1e-3, gkd_autocast_bf16=False,
         gkd_eval_every=8, gkd_eval_tokens=4_096, gkd_checkpoint_every=8, gkd_ablation_tokens=16_384,
+        # 03_scoring: 72 candidates x 4096 tokens in ~5 s on one core.
+        scoring_interaction_children=6, scoring_naive_check=4,
+        # 06_evaluation in seconds: few samples, short contexts (seq_len 64), two speed rounds.
+        eval_next_line_samples=48, eval_name_samples=48, eval_bpb_chunks=8, eval_bpb_chunk_bytes=512,
+        eval_context_lines=4, eval_speed_rounds=2, eval_bootstrap=200,
     ),
     # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
     # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
-    "default": dict(),
+    # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
+    # the laptop or the shared workshop server runs meanwhile (see notebook 01).
+    "default": dict(profile_clock="cpu"),
     # A real Llama parent on one GPU. Needs network access (or a populated HF cache) for the
     # parent and the dataset; the parent_* shape/training fields do not apply.
     "gpu-llama-3.2-1b": dict(
         parent="meta-llama/Llama-3.2-1B", device="cuda", dtype="bfloat16", seq_len=2048,
         corpus="hf:HuggingFaceFW/fineweb-edu:sample-10BT", corpus_max_bytes=1_000_000_000,
+        # 16 sequences of 2048; batches of 2 keep the fp32 log-softmax over 128k tokens small.
+        scoring_tokens=32_768, scoring_batch_size=2,
+        profile_batch_sizes="1,16", profile_prompt_len=512, profile_gen_len=256,
+        profile_repeats=20,
+        eval_next_line_samples=1000, eval_name_samples=1000, eval_bpb_chunks=200, eval_bpb_chunk_bytes=4096,
+        eval_context_lines=12, eval_batch_size=32, eval_before_gkd="mip",
+        eval_hf_tasks="mmlu,hellaswag,arc_easy",
+        # 02_bld: 2M tokens per block (128 steps of 8x2048); the three activation streams take
+        # 3 x 2M x 2048 x 2 B = 24 GB of GPU memory (set bld_activations_on_disk=true if short).
+        bld_tokens_per_variant=2_097_152, bld_batch_size=8, bld_lr=2e-4, bld_eval_every=32,
+        bld_calib_tokens=1_048_576, bld_eval_tokens=131_072,
     ),
 }
 
@@ -484,7 +543,7 @@ def _range_errors(c: RunConfig) -> list[str]:
     need(c.profile_warmup >= 0, f"profile_warmup must be >= 0, got {c.profile_warmup}")
     e += _bld_errors(c)
     need(c.scoring_tokens >= c.seq_len, f"scoring_tokens must cover at least one sequence of "
-         f"seq_len = {c.seq_len} tokens, got {c.scoring_tokens} (e.g. 16384)")
+         f"seq_len = {c.seq_len} tokens, got {c.scoring_tokens} (e.g. {max(4096, c.seq_len)})")
     need(c.scoring_batch_size >= 1, f"scoring_batch_size must be >= 1, got {c.scoring_batch_size}")
     need(c.scoring_interaction_children == 0 or c.scoring_interaction_children >= 3,
          f"scoring_interaction_children must be 0 (skip) or >= 3 (a correlation needs 3 points), "
@@ -492,6 +551,53 @@ def _range_errors(c: RunConfig) -> list[str]:
     need(0 <= c.scoring_interaction_seed < 2**32,
          f"scoring_interaction_seed must be in [0, 2**32), got {c.scoring_interaction_seed}")
     need(c.scoring_naive_check >= 0, f"scoring_naive_check must be >= 0, got {c.scoring_naive_check}")
+    e += _search_errors(c)
+    e += _eval_errors(c)
+    return e
+
+
+def _eval_errors(c: RunConfig) -> list[str]:
+    """06_evaluation's checks (whether the held-out split has enough text is checked by tasks.py)."""
+    e = [f"{n} must be >= 1, got {getattr(c, n)}" for n in (
+        "eval_next_line_samples", "eval_name_samples", "eval_bpb_chunks", "eval_batch_size",
+        "eval_speed_rounds", "eval_calibration_bins") if getattr(c, n) < 1]
+    e += [f"{n} must be >= 0, got {getattr(c, n)}" for n in ("eval_hf_limit", "eval_speed_warmup", "eval_bootstrap")
+          if getattr(c, n) < 0]
+    if c.eval_bpb_chunk_bytes < 64:
+        e.append(f"eval_bpb_chunk_bytes must be >= 64 (a few lines), got {c.eval_bpb_chunk_bytes}")
+    if c.eval_context_lines < 2:
+        e.append(f"eval_context_lines must be >= 2 (a context needs two non-blank lines), got {c.eval_context_lines}")
+    return e
+
+
+def _search_errors(c: RunConfig) -> list[str]:
+    """04_search's checks (budgets against the cost table are checked by search.py)."""
+    e = []
+    for name in ("search_speedup", "search_min_tokens_per_s", "search_max_latency_ms",
+                 "search_max_memory_mib", "search_max_params_ratio"):
+        if getattr(c, name) < 0:
+            e.append(f"{name} must be >= 0 (0 switches that budget off), got {getattr(c, name)}")
+    for name, text, kind in (("search_batch_sizes", c.search_batch_sizes, int),
+                             ("search_pareto_speedups", c.search_pareto_speedups, float)):
+        try:
+            vals = [kind(t) for t in text.replace(" ", "").split(",") if t]
+            if any(v <= 0 for v in vals):
+                raise ValueError
+        except ValueError:
+            e.append(f"{name} must be comma-separated positive numbers like '1,8', got {text!r}")
+    if c.search_num_solutions < 1:
+        e.append(f"search_num_solutions must be >= 1, got {c.search_num_solutions}")
+    if not 0 < c.search_min_diff_fraction <= 1:
+        e.append(f"search_min_diff_fraction must be in (0, 1], got {c.search_min_diff_fraction} (e.g. 0.2)")
+    if c.search_time_limit_s <= 0:
+        e.append(f"search_time_limit_s must be > 0, got {c.search_time_limit_s}")
+    if not 0 <= c.search_mip_gap < 1:
+        e.append(f"search_mip_gap must be in [0, 1), got {c.search_mip_gap} (e.g. 1e-6)")
+    if c.search_influence_tokens < c.seq_len:
+        e.append(f"search_influence_tokens must cover one sequence of seq_len = {c.seq_len} tokens, "
+                 f"got {c.search_influence_tokens}")
+    if c.search_random_tries < 0:
+        e.append(f"search_random_tries must be >= 0, got {c.search_random_tries}")
     return e
 
 

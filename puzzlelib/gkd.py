@@ -331,28 +331,41 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "child"
 
 
-def distill_children(parent: PuzzleForCausalLM, children: list[tuple[str, list[tuple[str, str]]]],
-                     library_root: Path, train: np.ndarray, held: np.ndarray, s: GKDSettings, out: Path,
-                     key: str, dd: Dist, stop_after: int | None = None) -> dict:
-    """Distil every ``(name, choices)`` child from the library; export each; return the metrics.
+def _as_child(item) -> tuple[str, list, object]:
+    """(name, choices, spec-or-None) from a stage-04 ``ChildSpec`` or a ``(name, choices)`` pair."""
+    if hasattr(item, "build_model"):
+        return item.name, [tuple(c) for c in item.choices], item
+    name, choices = item
+    return name, [tuple(c) for c in choices], None
 
-    Children already exported under ``out/children`` (by an interrupted earlier run with the same
-    key) are kept, not retrained: the stage resumes child by child, and within a child from its
-    last checkpoint.
+
+def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Path, train: np.ndarray,
+                     held: np.ndarray, s: GKDSettings, out: Path, key: str, dd: Dist,
+                     stop_after: int | None = None) -> dict:
+    """Distil every child from the library; export each; return the metrics.
+
+    ``children`` holds stage 04's ``ChildSpec``s (built with ``spec.build_model``, which follows the
+    spec's coupled-block flags, so the child trained is the child that was scored and searched) or
+    plain ``(name, choices)`` pairs (decoupled blocks). Children already exported under
+    ``out/children`` by an interrupted earlier run with the same key are kept, not retrained: the
+    stage resumes child by child, and within a child from its last checkpoint.
     """
     from .library import LibraryError, build_child_from_library
 
     if not children:
         raise GKDError("No child to distil: stage 04 chose none, or gkd_children matched none.")
     results = {}
-    for name, choices in children:
+    for item in children:
+        name, choices, spec = _as_child(item)
         cdir = out / "children" / safe_name(name)
         done_marker = cdir / "gkd.json"
         if done_marker.exists() and json.loads(done_marker.read_text()).get("key") == key:
             results[name] = json.loads(done_marker.read_text())["metrics"]
             continue
         try:
-            child = build_child_from_library(parent, choices, library_root).to(dd.device)
+            child = (spec.build_model(parent, library_root) if spec is not None
+                     else build_child_from_library(parent, choices, library_root, prefer_coupled=False))
+            child = child.to(dd.device)
         except (LibraryError, ValueError) as e:
             raise GKDError(f"Child {name!r} does not match the block library: {e}") from e
         before = evaluate(child, parent, held, s.seq_len, s.batch_size, s.eval_tokens, dd.device)
@@ -371,7 +384,22 @@ def distill_children(parent: PuzzleForCausalLM, children: list[tuple[str, list[t
     return results
 
 
-def _children_from_search(cfg: RunConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+class _Renamed:
+    """A child spec under another name (the ablation trains the same child several times)."""
+
+    def __init__(self, item, name: str):
+        self._name, self._choices, self._spec = _as_child(item)
+        self.name, self.choices = name, self._choices
+
+    def build_model(self, parent, library_root):
+        if self._spec is not None:
+            return self._spec.build_model(parent, library_root)
+        from .library import build_child_from_library
+
+        return build_child_from_library(parent, self._choices, library_root, prefer_coupled=False)
+
+
+def _children_from_search(cfg: RunConfig) -> list:
     from . import search
 
     res = search.load(cfg)
@@ -382,7 +410,7 @@ def _children_from_search(cfg: RunConfig) -> list[tuple[str, list[tuple[str, str
         if unknown:
             raise GKDError(f"gkd_children names {sorted(unknown)} are not children of stage 04; "
                            f"they are: {[c.name for c in specs]}")
-    return [(c.name, [tuple(p) for p in c.choices]) for c in specs if want is None or c.name in want]
+    return [c for c in specs if want is None or c.name in want]
 
 
 def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
@@ -409,12 +437,12 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
         metrics = distill_children(parent, children, library_root, train, held, s, out, key, dd, stop_after)
         ablation = {}
         if cfg.gkd_ablation:
-            name, choices = children[0]
+            first = children[0]
             for label, (wc, wk, wl) in ABLATIONS.items():
                 sa = GKDSettings.from_config(cfg, tokens=cfg.gkd_ablation_tokens, cos_weight=wc, kl_weight=wk,
                                              lm_weight=wl)
-                r = distill_children(parent, [(f"ablation-{label}", choices)], library_root, train, held, sa,
-                                     out / "ablation", key, dd)
+                item = _Renamed(first, f"ablation-{label}")
+                r = distill_children(parent, [item], library_root, train, held, sa, out / "ablation", key, dd)
                 ablation[label] = r[f"ablation-{label}"]["after"]
         return metrics, ablation
 

@@ -1,0 +1,850 @@
+"""Stage 04 — the search: one attention and one FFN variant per layer, best summed score under budgets.
+
+What it does (DESIGN.md §1.4):
+* builds a solver-independent :class:`Problem` from stage 01's cost table and stage 03's scores.
+  Per layer there are two one-hot *slots*, attention and FFN; every variant is an option of its
+  slot, and a *coupled* pair (stage 02 trained attention+FFN together) is one option that fills
+  **both** slots at once, so ``Σ attn + Σ pairs = 1`` and ``Σ ffn + Σ pairs = 1``. An option's
+  objective coefficient is its score's *degradation versus the parent* (score − parent's value; the
+  parent's own sub-block is 0), so a pair (one score) and two decoupled blocks (two scores) add up
+  on the same scale;
+* constraints, any combination (:class:`Budget`): generated tokens/s ≥ T or speed-up ≥ S against
+  the parent's best throughput, latency ≤ target, memory (weights + batch × context × KV) ≤ target,
+  parameters ≤ target. Throughput is linearised: ``batch·gen / Σ time ≥ T ⇔ Σ time ≤ batch·gen / T``
+  with ``Σ time = prefill + gen_len × decode step``, exactly as ``CostTable.predict_scenario``.
+  Every profiled batch size is solved and the best kept: a smaller KV cache lets a bigger batch fit
+  in memory, which is how Puzzle's children gain throughput beyond their per-token cost;
+* solves the MIP with gurobipy when installed and its licence admits the size, else HiGHS, the
+  reason recorded (:func:`solve`); both read the same matrices (:func:`formulate`);
+* k diverse solutions (each differs from every earlier one in ≥ ``ceil(f·L)`` layers, by the cut
+  ``Σ_i same_i ≤ L − ceil(f·L)`` with ``same_i ≥ match_attn + match_ffn − 1``), a Pareto sweep over
+  speed-up targets, and baselines at the same budget (``baselines.py``);
+* an infeasible budget raises :class:`InfeasibleBudget` naming the tightest value each constraint
+  can reach given the others;
+* re-checks every child with *measured* end-to-end timings (``profiling.check_additivity``).
+
+Reads ``01_profiling/costs.csv`` and ``03_scoring`` scores (plus the parent and its held-out tokens
+for the block-influence baseline). Writes ``runs/<run>/04_search/``: ``solution.json`` (the chosen
+child specs with predicted and measured costs, solver, solve times), ``baselines.json``,
+``pareto.csv``, ``metrics.json``. Leaves out: interactions between blocks (the additive quality
+model is stage 03's to check), serving-engine effects beyond what stage 01 measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from .config import RunConfig
+from .rundir import RunDir, atomic_write_json, atomic_write_text
+
+STAGE = "04_search"
+# Scores where larger means closer to the parent; everything else (kl, lm_loss, ...) is minimised.
+HIGHER_IS_BETTER = ("top1", "top1_agreement", "agreement", "accuracy", "mc_accuracy")
+TOL = 1e-7  # relative slack when re-checking a solver's answer (solvers work to ~1e-9 feasibility)
+
+
+class SearchError(ValueError):
+    """The search cannot run as configured; the message says what to change."""
+
+
+class InfeasibleBudget(SearchError):
+    """No child meets the budget. ``tightest`` maps each constraint to the best value reachable."""
+
+    def __init__(self, message: str, tightest: dict):
+        super().__init__(message)
+        self.tightest = tightest
+
+
+# ------------------------------------------------------------------------------ the problem
+
+@dataclass(frozen=True)
+class Option:
+    """One way to fill a slot: a sub-block variant (kind attn|ffn) or a coupled pair (kind pair)."""
+
+    name: str                 # "attn:kv2", "ffn:0.50" or "attn:kv1+ffn:0.50"
+    kind: str
+    score: float              # degradation vs the parent: 0 for the parent's own sub-block
+    cost: Mapping[str, float]  # params, weight_bytes, kv_bytes_per_token, prefill_ms@bB, decode_ms@bB
+
+    @property
+    def halves(self) -> tuple[str | None, str | None]:
+        if self.kind == "pair":
+            a, f = self.name.split("+", 1)
+            return a, f
+        return (self.name, None) if self.kind == "attn" else (None, self.name)
+
+
+@dataclass
+class Problem:
+    """Everything the MIP needs, solver-free. ``layers[i]`` = {"attn": [...], "ffn": [...], "pair": [...]}."""
+
+    layers: list[dict[str, list[Option]]]
+    fixed: Mapping[str, float]                 # the fixed part's costs (embeddings, LM head, ...)
+    scenarios: dict[int, tuple[int, int]]      # batch -> (prompt_len, gen_len)
+    parent: list[tuple[str, str]]              # the parent's own (attn, ffn) per layer
+    metric: str = "kl"
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.columns = [(i, o) for i, lay in enumerate(self.layers)
+                        for k in ("attn", "ffn", "pair") for o in lay.get(k, [])]
+        self._by_name = [{o.name: o for k in ("attn", "ffn", "pair") for o in lay.get(k, [])}
+                         for lay in self.layers]
+        for i, (a, f) in enumerate(self.parent):
+            if a not in self._by_name[i] or f not in self._by_name[i]:
+                raise SearchError(f"layer {i}: the parent's own sub-blocks ({a}, {f}) must be options")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self.scenarios)
+
+    def option(self, layer: int, name: str) -> Option:
+        try:
+            return self._by_name[layer][name]
+        except KeyError:
+            raise SearchError(f"layer {layer}: {name!r} is not an option of the search (options: "
+                              f"{', '.join(self._by_name[layer])})") from None
+
+    def coef(self, cost: Mapping[str, float], what: str, batch: int) -> float:
+        """An option's (or the fixed part's) contribution to a constrained sum at ``batch``."""
+        if what == "params":
+            return float(cost["params"])
+        prompt, gen = self.scenarios[batch]
+        if what == "memory":  # the KV cache must hold prompt + generation for every sequence
+            return float(cost["weight_bytes"]) + batch * (prompt + gen) * float(cost["kv_bytes_per_token"])
+        return float(cost[f"prefill_ms@b{batch}"]) + gen * float(cost[f"decode_ms@b{batch}"])
+
+    def picks(self, child: Sequence) -> list[Option]:
+        """The options a child uses. ``child``: per layer (attn, ffn) or (attn, ffn, coupled)."""
+        if len(child) != self.num_layers:
+            raise SearchError(f"a child needs {self.num_layers} layers, got {len(child)}")
+        out = []
+        for i, c in enumerate(child):
+            if len(c) > 2 and c[2]:
+                out.append(self.option(i, f"{c[0]}+{c[1]}"))
+            else:
+                out += [self.option(i, c[0]), self.option(i, c[1])]
+        return out
+
+    def total(self, child: Sequence, what: str, batch: int) -> float:
+        return self.coef(self.fixed, what, batch) + sum(self.coef(o.cost, what, batch) for o in self.picks(child))
+
+    def evaluate(self, child: Sequence, batch: int) -> dict[str, float]:
+        """Predicted score and costs of ``child`` served at ``batch`` (sum of its blocks + fixed)."""
+        t = self.total(child, "time", batch)
+        _, gen = self.scenarios[batch]
+        return {"score": sum(o.score for o in self.picks(child)), "batch": batch,
+                "params": self.total(child, "params", batch),
+                "memory_bytes": self.total(child, "memory", batch), "generation_ms": t,
+                "tokens_per_s": batch * gen / (t / 1e3) if t > 0 else math.inf}
+
+
+def build_problem(costs, scores: Mapping[tuple[int, str], float], metric: str = "kl",
+                  parent_value: float | None = None, exclude_ops: Sequence[str] = ()) -> Problem:
+    """A :class:`Problem` from a ``profiling.CostTable`` and ``{(layer, variant): score}``.
+
+    Options are the variants with both a cost row and a score (plus the parent's own sub-blocks,
+    degradation 0 by definition); coupled pairs are score keys ``"attn:X+ffn:Y"`` costed as the sum
+    of their halves. ``parent_value`` is the metric's value for the parent itself (0 for KL); it
+    defaults to the score of the parent's own sub-block at each layer. ``exclude_ops`` drops
+    variants by op, e.g. ("linear",) for a vLLM-servable child.
+    """
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+    parent = costs.parent_choices()
+    cols = ("params", "weight_bytes", "kv_bytes_per_token")
+    timed = [f"{m}@b{s.batch}" for s in costs.scenarios for m in ("prefill_ms", "decode_ms")]
+    layers, skipped = [], []
+    for i in range(costs.num_layers):
+        ref = parent_value
+        if ref is None:
+            ref = next((scores[(i, n)] for n in parent[i] if (i, n) in scores), 0.0 if sign > 0 else None)
+        if ref is None:
+            raise SearchError(f"metric {metric!r}: no score for the parent's own sub-blocks at layer {i} "
+                              "and no parent_value given: cannot express degradation vs the parent")
+        lay: dict[str, list[Option]] = {"attn": [], "ffn": [], "pair": []}
+        for kind in ("attn", "ffn"):
+            for name in costs.variants(i, kind):
+                row = costs.row(i, name)
+                is_parent = name == parent[i][0 if kind == "attn" else 1]
+                if row["op"] in exclude_ops and not is_parent:
+                    continue
+                if (i, name) not in scores and not is_parent:
+                    skipped.append((i, name))
+                    continue
+                s = 0.0 if is_parent else sign * (float(scores[(i, name)]) - ref)
+                lay[kind].append(Option(name, kind, s, {c: float(row[c]) for c in cols + tuple(timed)}))
+        names = {o.name for k in ("attn", "ffn") for o in lay[k]}
+        profiled = set(costs.variants(i, "attn")) | set(costs.variants(i, "ffn"))
+        skipped += [(li, n) for li, n in scores if li == i and "+" not in n and n not in profiled]
+        for (li, name), value in scores.items():
+            if li != i or "+" not in name:
+                continue
+            a, f = name.split("+", 1)
+            if a not in names or f not in names:
+                skipped.append((i, name))
+                continue
+            ra, rf = costs.row(i, a), costs.row(i, f)
+            lay["pair"].append(Option(name, "pair", sign * (float(value) - ref),
+                                      {c: float(ra[c]) + float(rf[c]) for c in cols + tuple(timed)}))
+        layers.append(lay)
+    fixed = {c: costs.fixed(c) for c in cols}
+    fixed.update({f"{m}@b{s.batch}": costs.fixed(m, s.batch) for s in costs.scenarios
+                  for m in ("prefill_ms", "decode_ms")})
+    notes = []
+    if skipped:
+        kinds = sorted({n for _, n in skipped})
+        notes.append(f"{len(skipped)} (layer, variant) options left out because they lack a score or "
+                     f"a cost row (profiled but not in the library, or vice versa): {', '.join(kinds)}")
+    if exclude_ops:
+        notes.append(f"variants with op {', '.join(exclude_ops)} excluded from the search space")
+    return Problem(layers, fixed, {s.batch: (s.prompt_len, s.gen_len) for s in costs.scenarios},
+                   parent, metric, notes)
+
+
+# ------------------------------------------------------------------------------ budgets
+
+@dataclass(frozen=True)
+class Budget:
+    """Hardware budgets; 0 switches a constraint off."""
+
+    min_speedup: float = 0.0        # × the parent's best predicted throughput (see reference())
+    min_tokens_per_s: float = 0.0   # generated tokens per second of the whole batch
+    max_latency_ms: float = 0.0     # one scenario's prefill + gen_len decode steps
+    max_memory_bytes: float = 0.0   # weights + batch × (prompt + gen) × KV bytes per token
+    max_params: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, parent_params: float) -> Budget:
+        return cls(cfg.search_speedup, cfg.search_min_tokens_per_s, cfg.search_max_latency_ms,
+                   cfg.search_max_memory_mib * 2**20, cfg.search_max_params_ratio * parent_params)
+
+
+# Config field behind each constraint, for error messages.
+FIELDS = {"speedup": "search_speedup", "throughput": "search_min_tokens_per_s",
+          "latency": "search_max_latency_ms", "memory": "search_max_memory_mib",
+          "params": "search_max_params_ratio"}
+
+
+def reference(problem: Problem, budget: Budget, batches: Sequence[int]) -> tuple[int, float]:
+    """(batch, tokens/s) of the parent at its best batch size among those that fit the memory
+    budget (all of them when none fits): what a speed-up is measured against, as in the paper."""
+    ev = {b: problem.evaluate(problem.parent, b) for b in batches}
+    fits = [b for b in batches if not budget.max_memory_bytes or ev[b]["memory_bytes"] <= budget.max_memory_bytes]
+    b = max(fits or batches, key=lambda b: ev[b]["tokens_per_s"])
+    return b, ev[b]["tokens_per_s"]
+
+
+def constraint_rows(problem: Problem, budget: Budget, batch: int, ref_tps: float
+                    ) -> list[tuple[str, str, float]]:
+    """[(name, what, limit)]: the active constraints at ``batch`` as ``Σ what ≤ limit``."""
+    gen = problem.scenarios[batch][1]
+    rows = []
+    if budget.min_speedup:
+        rows.append(("speedup", "time", 1e3 * batch * gen / (budget.min_speedup * ref_tps)))
+    if budget.min_tokens_per_s:
+        rows.append(("throughput", "time", 1e3 * batch * gen / budget.min_tokens_per_s))
+    if budget.max_latency_ms:
+        rows.append(("latency", "time", budget.max_latency_ms))
+    if budget.max_memory_bytes:
+        rows.append(("memory", "memory", budget.max_memory_bytes))
+    if budget.max_params:
+        rows.append(("params", "params", budget.max_params))
+    return rows
+
+
+def check(problem: Problem, child: Sequence, budget: Budget, batch: int, ref_tps: float) -> dict:
+    """{constraint: {"limit", "predicted", "ok"}} for ``child`` at ``batch`` (predicted costs)."""
+    out = {}
+    for name, what, limit in constraint_rows(problem, budget, batch, ref_tps):
+        v = problem.total(child, what, batch)
+        out[name] = {"what": what, "limit": limit, "predicted": v, "ok": v <= limit * (1 + TOL)}
+    return out
+
+
+# ------------------------------------------------------------------------------ the MIP
+
+@dataclass
+class MIP:
+    """``min c·x + const  s.t.  A x (sense) b,  lb ≤ x ≤ ub,  x[integer] ∈ ℤ`` — both solvers read this."""
+
+    c: np.ndarray
+    A: sp.csr_matrix
+    sense: np.ndarray          # '<', '>' or '=' per row
+    b: np.ndarray
+    ub: np.ndarray
+    integer: np.ndarray        # bool per column
+    n_choice: int              # the first n_choice columns are the option binaries
+    const: float = 0.0
+
+
+def formulate(problem: Problem, rows: Sequence[tuple[str, str, float]], batch: int,
+              objective: np.ndarray | None = None, cuts: Sequence[Sequence] = (), min_differ: int = 0) -> MIP:
+    """The MIP at ``batch``: one-hot slots, ``rows`` (from :func:`constraint_rows`) and one
+    diversity cut per earlier child in ``cuts`` (it must differ in ≥ ``min_differ`` layers)."""
+    cols, L = problem.columns, problem.num_layers
+    n = len(cols)
+    entries: list[tuple[int, int, float]] = []
+    sense, rhs = [], []
+
+    def row(coefs: list[tuple[int, float]], s: str, b: float) -> None:
+        r = len(rhs)
+        entries.extend((r, j, v) for j, v in coefs if v)
+        sense.append(s)
+        rhs.append(b)
+
+    per_layer: list[list[tuple[int, Option]]] = [[] for _ in range(L)]
+    for j, (i, o) in enumerate(cols):
+        per_layer[i].append((j, o))
+    for lay in per_layer:  # a pair fills both slots of its layer
+        row([(j, 1.0) for j, o in lay if o.kind != "ffn"], "=", 1.0)
+        row([(j, 1.0) for j, o in lay if o.kind != "attn"], "=", 1.0)
+    for _, what, limit in rows:
+        row([(j, problem.coef(o.cost, what, batch)) for j, (_, o) in enumerate(cols)], "<",
+            limit - problem.coef(problem.fixed, what, batch))
+    for k, prev in enumerate(cuts):
+        for i, c in enumerate(prev):  # same_i >= [attn matches] + [ffn matches] - 1
+            match = [(j, -float((o.halves[0] == c[0]) + (o.halves[1] == c[1]))) for j, o in per_layer[i]]
+            row([(n + k * L + i, 1.0)] + match, ">", -1.0)
+        row([(n + k * L + i, 1.0) for i in range(L)], "<", float(L - min_differ))
+    m = n + L * len(cuts)
+    r, j, v = zip(*entries) if entries else ((), (), ())
+    A = sp.csr_matrix((v, (r, j)), shape=(len(rhs), m))
+    c = np.zeros(m)
+    c[:n] = objective if objective is not None else [o.score for _, o in cols]
+    return MIP(c, A, np.array(sense), np.array(rhs, float), np.ones(m), np.arange(m) < n, n)
+
+
+@dataclass
+class Solved:
+    status: str                   # optimal | time_limit | infeasible | error
+    x: np.ndarray | None
+    objective: float | None
+    solver: str
+    seconds: float
+    gap: float | None = None
+    fallback_reason: str | None = None
+
+
+_GUROBI_ENV: list = []  # one licence check per process, not one per solve
+
+
+def _gurobi(mip: MIP, time_limit: float, gap: float, threads: int) -> Solved:
+    import gurobipy as gp
+
+    if not _GUROBI_ENV:
+        env = gp.Env(empty=True)
+        env.setParam("OutputFlag", 0)
+        env.start()
+        _GUROBI_ENV.append(env)
+    t0 = time.perf_counter()
+    with gp.Model(env=_GUROBI_ENV[0]) as m:
+        m.Params.TimeLimit, m.Params.MIPGap = time_limit, gap
+        if threads:
+            m.Params.Threads = threads
+        x = m.addMVar(len(mip.c), lb=0.0, ub=mip.ub,
+                      vtype=np.where(mip.integer, gp.GRB.BINARY, gp.GRB.CONTINUOUS))
+        m.addMConstr(mip.A, x, mip.sense, mip.b)
+        m.setObjective(mip.c @ x, gp.GRB.MINIMIZE)
+        m.optimize()
+        st = {gp.GRB.OPTIMAL: "optimal", gp.GRB.TIME_LIMIT: "time_limit",
+              gp.GRB.INFEASIBLE: "infeasible", gp.GRB.INF_OR_UNBD: "infeasible"}.get(m.Status, f"status {m.Status}")
+        ok = m.SolCount > 0
+        return Solved(st, np.array(x.X) if ok else None, m.ObjVal + mip.const if ok else None,
+                      f"gurobi {'.'.join(map(str, gp.gurobi.version()))}", time.perf_counter() - t0,
+                      m.MIPGap if ok else None)
+
+
+def _highs(mip: MIP, time_limit: float, gap: float, threads: int) -> Solved:
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("mip_rel_gap", float(gap))
+    if threads:
+        h.setOptionValue("threads", int(threads))
+    inf = highspy.kHighsInf
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = len(mip.c), len(mip.b)
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = mip.c, np.zeros(len(mip.c)), mip.ub
+    lp.row_lower_ = np.where(mip.sense == "<", -inf, mip.b)
+    lp.row_upper_ = np.where(mip.sense == ">", inf, mip.b)
+    A = mip.A.tocsc()
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in mip.integer]
+    t0 = time.perf_counter()
+    h.passModel(lp)
+    h.run()
+    ms = h.getModelStatus()
+    st = {highspy.HighsModelStatus.kOptimal: "optimal", highspy.HighsModelStatus.kTimeLimit: "time_limit",
+          highspy.HighsModelStatus.kInfeasible: "infeasible"}.get(ms, h.modelStatusToString(ms))
+    info = h.getInfo()
+    ok = info.primal_solution_status == 2  # a feasible point exists (also after a time limit)
+    x = np.array(h.getSolution().col_value) if ok else None
+    return Solved(st, x, float(mip.c @ x) + mip.const if ok else None, f"highs {h.version()}",
+                  time.perf_counter() - t0, info.mip_gap if ok else None)
+
+
+def solve(mip: MIP, solver: str = "auto", time_limit: float = 60.0, gap: float = 1e-4, threads: int = 0) -> Solved:
+    """Solve with gurobipy (``auto``: when installed and its licence admits the model) or HiGHS."""
+    reason = None
+    if solver in ("auto", "gurobi"):
+        try:
+            import gurobipy as gp
+        except ImportError:
+            reason = "gurobipy is not installed"
+        else:
+            try:
+                return _gurobi(mip, time_limit, gap, threads)
+            except gp.GurobiError as e:  # the pip licence's size limit (10010), no licence, ...
+                reason = (f"gurobipy refused the model ({len(mip.c)} variables, {len(mip.b)} "
+                          f"constraints): GurobiError {e.errno}: {e}")
+        if solver == "gurobi":
+            raise SearchError(f"search_solver='gurobi' but {reason}; set search_solver='auto' to fall "
+                              "back to HiGHS automatically")
+    elif solver != "highs":
+        raise SearchError(f"unknown solver {solver!r}: use 'auto', 'gurobi' or 'highs'")
+    out = _highs(mip, time_limit, gap, threads)
+    out.fallback_reason = reason
+    return out
+
+
+def decode(problem: Problem, x: np.ndarray) -> list[tuple[str, str, bool]]:
+    """Option binaries -> per layer (attn, ffn, coupled)."""
+    chosen: list[list[Option]] = [[] for _ in range(problem.num_layers)]
+    for j, (i, o) in enumerate(problem.columns):
+        if x[j] > 0.5:
+            chosen[i].append(o)
+    out = []
+    for i, opts in enumerate(chosen):
+        pair = [o for o in opts if o.kind == "pair"]
+        if pair:
+            out.append((*pair[0].halves, True))
+        else:
+            out.append((next(o.name for o in opts if o.kind == "attn"),
+                        next(o.name for o in opts if o.kind == "ffn"), False))
+    return out
+
+
+# ------------------------------------------------------------------------------ child specs
+
+@dataclass
+class ChildSpec:
+    """A searched (or baseline) child: what stage 05 trains and stage 06 evaluates."""
+
+    name: str
+    method: str                        # mip | uniform | depth | greedy | random
+    choices: list[tuple[str, str]]     # per layer (attention variant, FFN variant)
+    coupled: list[bool]                # per layer: use the coupled (pair-trained) block
+    batch: int                         # the batch size it was chosen for
+    predicted: dict                    # score, params, memory_bytes, generation_ms, tokens_per_s, speedup
+    checks: dict = field(default_factory=dict)    # constraint -> limit, predicted (, measured), ok
+    solver: dict = field(default_factory=dict)    # MIP only: solver, status, seconds, gap, fallback
+    measured: dict = field(default_factory=dict)  # end-to-end timings of the built child, when run
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def child(self) -> list[tuple[str, str, bool]]:
+        return [(a, f, c) for (a, f), c in zip(self.choices, self.coupled)]
+
+    def short(self) -> str:
+        """One line: ``kv2+0.50 | noop+linear | …`` (a ``*`` marks a coupled block)."""
+        return " | ".join(f"{a.split(':')[1]}+{f.split(':')[1]}{'*' if c else ''}" for a, f, c in self.child)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "choices": [list(c) for c in self.choices]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChildSpec:
+        return cls(**{**d, "choices": [tuple(c) for c in d["choices"]]})
+
+    def block_configs(self, parent_config) -> list[dict]:
+        """DeciLM ``block_configs`` of this child (see DESIGN.md §4)."""
+        from .blocks import choices_to_block_configs, parse_variant
+
+        return choices_to_block_configs(parent_config, [(parse_variant(a, parent_config), parse_variant(f, parent_config))
+                                                        for a, f in self.choices])
+
+    def build_model(self, parent, library_dir: str | Path | None = None):
+        """The child as a ``PuzzleForCausalLM``: blocks from the BLD library when ``library_dir`` is
+        given (coupled blocks where ``coupled``), else initialised from the parent (untrained)."""
+        from .blocks import build_child
+
+        if library_dir is None:
+            return build_child(parent, self.choices)
+        from .library import Library, pair_name, split_pair_tensors
+
+        lib = Library.open(library_dir, parent)
+        blocks: dict[tuple[int, str], dict] = {}
+        for i, (a, f, c) in enumerate(self.child):
+            if c:
+                blocks[(i, a)], blocks[(i, f)] = split_pair_tensors(lib.read_block(i, pair_name(a, f)))
+            else:
+                blocks.update({(i, n): lib.read_block(i, n) for n in (a, f)})
+        return build_child(parent, self.choices, channel_scores=lib.channel_scores(), blocks=blocks)
+
+    def build(self, cfg: RunConfig):
+        """:meth:`build_model` with the run's parent and BLD library (stages 00 and 02)."""
+        import torch
+
+        from . import bld, parent
+
+        return self.build_model(parent.load(cfg).load_model(dtype=getattr(torch, cfg.dtype)),
+                                bld.load(cfg).library_dir)
+
+
+# ------------------------------------------------------------------------------ the searcher
+
+_UNITS = {"speedup": "×", "throughput": " tokens/s", "latency": " ms", "memory": " MiB", "params": " params"}
+
+
+class Searcher:
+    """Solves a :class:`Problem` under a :class:`Budget` at every batch size and keeps the best."""
+
+    def __init__(self, problem: Problem, budget: Budget, batches: Sequence[int] | None = None,
+                 solver: str = "auto", time_limit: float = 60.0, gap: float = 1e-4, threads: int = 0):
+        self.problem, self.budget = problem, budget
+        self.batches = list(batches or problem.batch_sizes)
+        bad = [b for b in self.batches if b not in problem.scenarios]
+        if bad:
+            raise SearchError(f"batch sizes {bad} were not profiled (profiled: {problem.batch_sizes}): "
+                              "fix search_batch_sizes or add them to profile_batch_sizes")
+        self.solver, self.time_limit, self.gap, self.threads = solver, time_limit, gap, threads
+        self.ref_batch, self.ref_tps = reference(problem, budget, self.batches)
+        self.log: list[dict] = []
+
+    def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0) -> Solved:
+        mip = formulate(self.problem, rows, batch, objective, cuts, min_differ)
+        res = solve(mip, self.solver, self.time_limit, self.gap, self.threads)
+        self.log.append({"purpose": purpose, "batch": batch, "solver": res.solver, "status": res.status,
+                         "seconds": res.seconds, "objective": res.objective, "gap": res.gap,
+                         "variables": len(mip.c), "constraints": len(mip.b),
+                         "fallback_reason": res.fallback_reason})
+        return res
+
+    def spec(self, child: Sequence, batch: int, name: str, method: str, budget: Budget | None = None) -> ChildSpec:
+        child = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in child]
+        ev = self.problem.evaluate(child, batch)
+        ev["speedup"] = ev["tokens_per_s"] / self.ref_tps
+        return ChildSpec(name, method, [(a, f) for a, f, _ in child], [c for *_, c in child], batch, ev,
+                         check(self.problem, child, budget or self.budget, batch, self.ref_tps))
+
+    def best_batch(self, child: Sequence, budget: Budget | None = None) -> int | None:
+        """The batch size at which ``child`` meets the budget with the highest throughput, or None."""
+        ok = [b for b in self.batches
+              if all(c["ok"] for c in check(self.problem, child, budget or self.budget, b, self.ref_tps).values())]
+        return max(ok, key=lambda b: self.problem.evaluate(child, b)["tokens_per_s"], default=None)
+
+    def best(self, budget: Budget | None = None, cuts=(), min_differ: int = 0, name: str = "puzzle-1",
+             purpose: str = "search", explain: bool = True) -> ChildSpec:
+        """The best child over all batch sizes; raises :class:`InfeasibleBudget` when none exists."""
+        budget = budget or self.budget
+        found, per_batch = [], []
+        for b in self.batches:
+            res = self._solve(b, constraint_rows(self.problem, budget, b, self.ref_tps), purpose, cuts=cuts,
+                              min_differ=min_differ)
+            per_batch.append({"batch": b, "status": res.status, "objective": res.objective,
+                              "seconds": round(res.seconds, 4)})
+            if res.x is not None:
+                child = decode(self.problem, res.x)
+                tps = self.problem.evaluate(child, b)["tokens_per_s"]
+                found.append((round(res.objective, 9), -tps, b, child, res))
+        if not found and any(p["status"] == "time_limit" for p in per_batch):
+            raise SearchError(f"no child found within search_time_limit_s={self.time_limit:g} s at some batch "
+                              f"sizes ({per_batch}): raise search_time_limit_s or search_mip_gap")
+        if not found:
+            tight = self.tightest(budget) if explain else {}
+            raise InfeasibleBudget(self.explain(budget, tight) if explain else
+                                   "no child meets the budget with these extra (diversity) cuts", tight)
+        _, _, b, child, res = min(found, key=lambda t: t[:3])
+        spec = self.spec(child, b, name, "mip", budget)
+        spec.solver = {"solver": res.solver, "status": res.status, "gap": res.gap,
+                       "seconds": round(sum(p["seconds"] for p in per_batch), 4),
+                       "fallback_reason": res.fallback_reason, "per_batch": per_batch}
+        if not all(c["ok"] for c in spec.checks.values()):  # never hand on a child that breaks the budget
+            raise SearchError(f"solver {res.solver} returned a child that fails the re-check: {spec.checks}")
+        return spec
+
+    def _value(self, name: str, total: float, batch: int) -> float:
+        """A constrained sum in the user's units (speed-up, tokens/s, ms, MiB, parameters)."""
+        gen = self.problem.scenarios[batch][1]
+        if name in ("speedup", "throughput"):
+            tps = 1e3 * batch * gen / total if total > 0 else math.inf
+            return tps / self.ref_tps if name == "speedup" else tps
+        return total / 2**20 if name == "memory" else total
+
+    def tightest(self, budget: Budget | None = None) -> dict[str, dict]:
+        """For each active constraint, the best value any child reaches *given the other budgets*
+        (or, where the others cannot all hold, alone): the number an infeasibility message needs."""
+        budget = budget or self.budget
+        out = {}
+        for name, what, _ in constraint_rows(self.problem, budget, self.batches[0], self.ref_tps):
+            maximise = name in ("speedup", "throughput")
+            for given_others in (True, False):
+                vals = []
+                for b in self.batches:
+                    rows = [r for r in constraint_rows(self.problem, budget, b, self.ref_tps)
+                            if given_others and r[0] != name]
+                    obj = np.array([self.problem.coef(o.cost, what, b) for _, o in self.problem.columns])
+                    res = self._solve(b, rows, f"tightest {name}", objective=obj)
+                    if res.x is not None:
+                        vals.append((self._value(name, res.objective + self.problem.coef(self.problem.fixed, what, b), b), b))
+                if vals:
+                    v, b = (max if maximise else min)(vals)
+                    out[name] = {"value": v, "batch": b, "given_other_budgets": given_others}
+                    break
+        return out
+
+    def explain(self, budget: Budget, tight: dict) -> str:
+        asked = {"speedup": budget.min_speedup, "throughput": budget.min_tokens_per_s,
+                 "latency": budget.max_latency_ms, "memory": budget.max_memory_bytes / 2**20,
+                 "params": budget.max_params}
+        parts = []
+        for name, t in tight.items():
+            bound = "at most" if name in ("speedup", "throughput") else "at least"
+            ctx = "given the other budgets" if t["given_other_budgets"] else "alone"
+            value = t["value"] / (self.problem.total(self.problem.parent, "params", t["batch"]) or 1) \
+                if name == "params" else t["value"]
+            unit = "× the parent's parameters" if name == "params" else _UNITS[name]
+            shown = asked[name] / (self.problem.total(self.problem.parent, "params", t["batch"]) or 1) \
+                if name == "params" else asked[name]
+            parts.append(f"{name}: {FIELDS[name]}={shown:.4g} asked, but the tightest any child reaches "
+                         f"{ctx} is {value:.4g}{unit} (batch {t['batch']}), so set it to {bound} that")
+        return (f"No child in the library meets the budget at any batch size searched "
+                f"({', '.join(map(str, self.batches))}; speed-ups are relative to the parent's "
+                f"{self.ref_tps:.4g} tokens/s at batch {self.ref_batch}).\n  - " + "\n  - ".join(parts))
+
+    def diverse(self, k: int, min_diff_fraction: float, progress: bool = True) -> tuple[list[ChildSpec], list[str]]:
+        """Up to ``k`` solutions, each differing from every earlier one in ≥ ceil(f·L) layers."""
+        need = max(1, math.ceil(min_diff_fraction * self.problem.num_layers))
+        sols, notes = [self.best(name="puzzle-1", purpose="solution 1")], []
+        for n in tqdm(range(2, k + 1), desc="diverse solutions", disable=not progress or k < 2):
+            try:
+                sols.append(self.best(cuts=[s.child for s in sols], min_differ=need, name=f"puzzle-{n}",
+                                      purpose=f"solution {n}", explain=False))
+            except InfeasibleBudget:
+                notes.append(f"only {len(sols)} solutions differ pairwise in >= {need} layers under this budget")
+                break
+        return sols, notes
+
+    def pareto(self, speedups: Sequence[float], progress: bool = True) -> list[dict]:
+        """The best score at each speed-up target (the other budgets kept)."""
+        rows = []
+        for s in tqdm(speedups, desc="Pareto sweep", disable=not progress):
+            t0 = time.perf_counter()
+            try:
+                spec = self.best(replace(self.budget, min_speedup=s), name=f"pareto-{s:g}", purpose=f"pareto {s:g}",
+                                 explain=False)
+                rows.append(pareto_row("mip", s, spec, time.perf_counter() - t0))
+            except InfeasibleBudget:
+                rows.append(pareto_row("mip", s, None, time.perf_counter() - t0))
+        return rows
+
+
+def pareto_row(method: str, target: float, spec: ChildSpec | None, seconds: float = 0.0) -> dict:
+    p = spec.predicted if spec else {}
+    return {"method": method, "target_speedup": target, "feasible": spec is not None,
+            "score": p.get("score", math.nan), "speedup": p.get("speedup", math.nan),
+            "batch": spec.batch if spec else 0, "tokens_per_s": p.get("tokens_per_s", math.nan),
+            "params": p.get("params", math.nan), "seconds": round(seconds, 4),
+            "spec": spec.short() if spec else ""}
+
+
+# ------------------------------------------------------------------------------ the stage
+
+def scores_from_table(table, metric: str) -> tuple[dict[tuple[int, str], float], float]:
+    """``({(layer, variant): score}, parent's value)`` from stage 03's ``ScoreTable`` (BLD rows)."""
+    scores = {(r["layer"], r["variant"]): float(r[metric]) for r in table.rows
+              if r["source"] == "bld" and not math.isnan(float(r[metric]))}
+    parent_value = {"lm_loss": table.meta.get("parent_lm_loss"), "top1_agreement": 1.0}.get(metric, 0.0)
+    if parent_value is None:
+        raise SearchError("the score table does not record the parent's lm_loss: rerun 03_scoring")
+    return scores, float(parent_value)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise SearchError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def searcher_from_config(cfg: RunConfig, costs, table) -> Searcher:
+    """The configured :class:`Searcher` for a cost table (stage 01) and a score table (stage 03)."""
+    scores, pv = scores_from_table(table, cfg.search_metric)
+    problem = build_problem(costs, scores, cfg.search_metric, pv, ("linear",) if cfg.search_exclude_linear else ())
+    batches = [int(b) for b in _floats(cfg.search_batch_sizes, "search_batch_sizes")] or None
+    parent_params = problem.total(problem.parent, "params", problem.batch_sizes[0])
+    return Searcher(problem, Budget.from_config(cfg, parent_params), batches, cfg.search_solver,
+                    cfg.search_time_limit_s, cfg.search_mip_gap, cfg.threads)
+
+
+def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfig, progress: bool = True) -> None:
+    """Re-check ``specs`` with *measured* end-to-end timings and memory (stage 01's method,
+    interleaved with the parent), filling ``spec.measured`` and the checks' ``measured`` fields."""
+    import torch
+
+    from .profiling import check_additivity
+
+    # Stage 01's clock: "cpu" times one thread's CPU time (immune to other processes' load).
+    threads = torch.get_num_threads()
+    if cfg.profile_clock == "cpu":
+        torch.set_num_threads(1)
+    try:
+        rows, _ = check_additivity(model, costs, [sp_.choices for sp_ in specs], cfg.profile_warmup,
+                                   cfg.profile_repeats, cfg.seed, progress, clock=cfg.profile_clock)
+    finally:
+        torch.set_num_threads(threads)
+    at = {(r["child"], r["batch"]): r for r in rows}
+
+    def gen_ms(r: dict) -> float:
+        return r["meas_prefill_ms"] + s.problem.scenarios[r["batch"]][1] * r["meas_decode_ms"]
+
+    ref = at[(0, s.ref_batch)]
+    ref_tps = s.ref_batch * s.problem.scenarios[s.ref_batch][1] / (gen_ms(ref) / 1e3)
+    for k, spec in enumerate(specs, start=1):
+        r, b = at[(k, spec.batch)], spec.batch
+        t = gen_ms(r)
+        tps = b * s.problem.scenarios[b][1] / (t / 1e3)
+        spec.measured = {"generation_ms": t, "tokens_per_s": tps, "speedup": tps / ref_tps,
+                         "memory_bytes": r["meas_memory_bytes"], "parent_tokens_per_s": ref_tps}
+        for name, c in spec.checks.items():
+            # Time budgets compare measured time with the limit re-derived from the *measured* parent.
+            limit = c["limit"] * (s.ref_tps / ref_tps if name == "speedup" else 1.0)
+            got = {"time": t, "memory": r["meas_memory_bytes"], "params": c["predicted"]}[c["what"]]
+            c.update(measured=got, measured_limit=limit, measured_ok=got <= limit * (1 + TOL))
+
+
+@dataclass
+class SearchResult:
+    """What notebook 04 shows and stages 05/06 read."""
+
+    dir: Path
+    solutions: list[ChildSpec]
+    baselines: dict[str, ChildSpec | None]
+    pareto: list[dict]
+    info: dict            # solution.json without the solutions: budget, reference, solver, notes
+    metrics: dict
+    reused: bool
+
+    @property
+    def best(self) -> ChildSpec:
+        return self.solutions[0]
+
+    @property
+    def children(self) -> list[ChildSpec]:
+        """The MIP solutions first, then every baseline that met the budget."""
+        return self.solutions + [b for b in self.baselines.values() if b is not None]
+
+
+def _load(rd: RunDir, reused: bool) -> SearchResult:
+    from .profiling import read_csv_rows
+
+    d = rd.stage_dir(STAGE)
+    sol = json.loads((d / "solution.json").read_text())
+    base = json.loads((d / "baselines.json").read_text())
+    return SearchResult(d, [ChildSpec.from_dict(x) for x in sol.pop("solutions")],
+                        {k: ChildSpec.from_dict(v["spec"]) if v["spec"] else None for k, v in base.items()},
+                        read_csv_rows(d / "pareto.csv"), sol, json.loads((d / "metrics.json").read_text()), reused)
+
+
+def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
+    """Run (or reuse) stage 04: solve, diversify, sweep, baselines, measured re-check, write."""
+    rd = RunDir(cfg)
+    if not rd.should_run(STAGE):
+        rd.note_reused(STAGE)
+        return _load(rd, reused=True)
+    import torch
+
+    from . import baselines, profiling, scoring
+    from . import parent as parent_stage
+
+    costs = profiling.load_costs(cfg)   # StageNotReady naming notebook 01 if missing or stale
+    table = scoring.load_scores(cfg)    # ... and notebook 03
+    s = searcher_from_config(cfg, costs, table)
+    speedups = _floats(cfg.search_pareto_speedups, "search_pareto_speedups")
+    t0 = time.perf_counter()
+    # Solved before the stage opens: an infeasible budget raises here and leaves no artifact.
+    solutions, notes = s.diverse(cfg.search_num_solutions, cfg.search_min_diff_fraction, progress)
+    search_seconds = time.perf_counter() - t0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with rd.stage(STAGE) as st:
+        pres = parent_stage.load(cfg)
+        model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(profiling.resolve_device(cfg.device)).eval()
+        influence = baselines.block_influence(model, pres.dir / "tokens", cfg.seq_len, cfg.search_influence_tokens,
+                                                progress=progress)
+        base, base_notes = baselines.all_baselines(s, influence, cfg.seed, cfg.search_random_tries)
+        pareto = s.pareto(speedups, progress) + baselines.sweep(s, influence, speedups)
+        if cfg.search_measure:
+            measure(s, solutions + [b for b in base.values() if b], model, costs, cfg, progress)
+        info = {"metric": cfg.search_metric, "budget": asdict(s.budget),
+                "reference": {"batch": s.ref_batch, "tokens_per_s": s.ref_tps},
+                "batch_sizes": s.batches, "parent": [list(p) for p in s.problem.parent],
+                "solver": {"requested": cfg.search_solver, "used": sorted({x["solver"] for x in s.log}),
+                           "fallback_reasons": sorted({x["fallback_reason"] for x in s.log if x["fallback_reason"]})},
+                "problem": {"layers": s.problem.num_layers, "options": len(s.problem.columns),
+                            "options_per_layer": [{k: [o.name for o in v] for k, v in lay.items()}
+                                                  for lay in s.problem.layers]},
+                "block_influence": influence, "notes": s.problem.notes + notes + base_notes}
+        atomic_write_json(st.path("solution.json"), {**info, "solutions": [x.to_dict() for x in solutions]})
+        atomic_write_json(st.path("baselines.json"), {k: {"spec": v.to_dict() if v else None} for k, v in base.items()})
+        atomic_write_text(st.path("pareto.csv"), profiling.rows_to_csv(pareto))
+        metrics = summarize(s, solutions, base, search_seconds)
+        atomic_write_json(st.path("metrics.json"), metrics)
+        st.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    return _load(rd, reused=False)
+
+
+def summarize(s: Searcher, solutions: list[ChildSpec], base: dict, search_seconds: float) -> dict:
+    best = solutions[0]
+    solves = [x for x in s.log if x["purpose"].startswith("solution")]
+    out = {"metric": s.problem.metric, "layers": s.problem.num_layers, "options": len(s.problem.columns),
+           "solutions": len(solutions), "batch": best.batch, "score": best.predicted["score"],
+           "predicted_speedup": best.predicted["speedup"], "measured_speedup": best.measured.get("speedup"),
+           "solver": best.solver["solver"], "fallback_reason": best.solver["fallback_reason"] or "",
+           "search_seconds": round(search_seconds, 3), "solves": len(s.log),
+           "mean_solve_seconds": round(float(np.mean([x["seconds"] for x in solves])), 5)}
+    for k, b in base.items():
+        out[f"{k}_score"] = b.predicted["score"] if b else None
+        out[f"{k}_predicted_speedup"] = b.predicted["speedup"] if b else None
+        out[f"{k}_measured_speedup"] = b.measured.get("speedup") if b else None
+    return out
+
+
+def children_table(result: SearchResult) -> list[dict]:
+    """One row per child for the notebook: predicted vs measured speed-up and memory, budget checks."""
+    rows = []
+    for c in result.children:
+        m = c.measured
+        rows.append({"child": c.name, "method": c.method, "batch": c.batch, f"Σ {result.info['metric']}": c.predicted["score"],
+                     "speed-up pred": c.predicted["speedup"], "speed-up meas": m.get("speedup", math.nan),
+                     "MiB pred": c.predicted["memory_bytes"] / 2**20,
+                     "MiB meas": m.get("memory_bytes", math.nan) / 2**20,
+                     "budget (pred / meas)": " ".join(f"{k}:{'ok' if v['ok'] else 'NO'}/"
+                                                      f"{'ok' if v.get('measured_ok', True) else 'NO'}"
+                                                      for k, v in c.checks.items()),
+                     "layers": c.short().replace(" | ", " · ")})  # "|" would split a Markdown cell
+    return rows
+
+
+def load(cfg: RunConfig) -> SearchResult:
+    """Stage 04's result for later stages; refuses a missing, unfinished or stale search."""
+    rd = RunDir(cfg, create=False)
+    rd.require(STAGE)
+    return _load(rd, reused=True)
