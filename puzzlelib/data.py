@@ -320,7 +320,9 @@ def load_tokenizer(path: str | Path):
     if not (path / "tokenizer.json").is_file():
         raise DataError(f"no tokenizer in {path} (tokenizer.json missing); run train_tokenizer "
                         "(stage 00_parent) first")
-    return AutoTokenizer.from_pretrained(str(path))
+    # trust_remote_code=False: a checkpoint folder's config.json carries an auto_map for the model
+    # code; without an explicit answer AutoTokenizer would stop and ask about it interactively.
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out_dir: str | Path, seq_len: int = 1024,

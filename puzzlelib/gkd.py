@@ -341,7 +341,7 @@ def _as_child(item) -> tuple[str, list, object]:
 
 def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Path, train: np.ndarray,
                      held: np.ndarray, s: GKDSettings, out: Path, key: str, dd: Dist,
-                     stop_after: int | None = None) -> dict:
+                     stop_after: int | None = None, tokenizer=None) -> dict:
     """Distil every child from the library; export each; return the metrics.
 
     ``children`` holds stage 04's ``ChildSpec``s (built with ``spec.build_model``, which follows the
@@ -376,7 +376,7 @@ def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Pa
              "steps": len(history["step"]), "tokens": len(history["step"]) * history["tokens_per_step"],
              "seconds": round(history["seconds"], 1)}
         if dd.main:
-            save_checkpoint(child, cdir, extra_files={"history.json": json.dumps(history),
+            save_checkpoint(child, cdir, tokenizer=tokenizer, extra_files={"history.json": json.dumps(history),
                                                       "gkd.json": json.dumps({"key": key, "metrics": m})})
             shutil.rmtree(out / "train_state" / safe_name(name), ignore_errors=True)
         dd.barrier()
@@ -429,12 +429,14 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
     pres = parent_stage.load(cfg)
     parent = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(dd.device).eval()
     library_root = bld.load(cfg).library_dir
+    tokenizer = pres.load_tokenizer()  # exported children carry it: self-contained checkpoints
     children = _children_from_search(cfg)
     train = data.load_tokens(pres.dir / "tokens", "train")
     held = data.load_tokens(pres.dir / "tokens", "heldout")
 
     def body(out: Path, key: str) -> tuple[dict, dict]:
-        metrics = distill_children(parent, children, library_root, train, held, s, out, key, dd, stop_after)
+        metrics = distill_children(parent, children, library_root, train, held, s, out, key, dd, stop_after,
+                                   tokenizer=tokenizer)
         ablation = {}
         if cfg.gkd_ablation:
             first = children[0]
@@ -442,7 +444,8 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
                 sa = GKDSettings.from_config(cfg, tokens=cfg.gkd_ablation_tokens, cos_weight=wc, kl_weight=wk,
                                              lm_weight=wl)
                 item = _Renamed(first, f"ablation-{label}")
-                r = distill_children(parent, [item], library_root, train, held, sa, out / "ablation", key, dd)
+                r = distill_children(parent, [item], library_root, train, held, sa, out / "ablation", key, dd,
+                                     tokenizer=tokenizer)
                 ablation[label] = r[f"ablation-{label}"]["after"]
         return metrics, ablation
 

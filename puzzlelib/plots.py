@@ -528,7 +528,7 @@ def cost_heatmap(rows: list[dict], batch_sizes: list[int], layer: int = 0,
 def additivity_scatter(rows: list[dict], title: str = "Predicted (sum of sub-blocks) vs measured"
                        ) -> plt.Figure:
     """Predicted vs measured prefill ms, decode ms and decode speed-up over the parent, one marker
-    per (child, batch size), log axes, with the y = x line and a ±10 % band."""
+    per (child, batch size), with the y = x line and a ±10 % band."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
     batches = sorted({r["batch"] for r in rows})
     panels = [("prefill", "_ms", "prefill ms"), ("decode", "_ms", "decode step ms"),
@@ -543,12 +543,10 @@ def additivity_scatter(rows: list[dict], title: str = "Predicted (sum of sub-blo
             ax.scatter(meas[par], pred[par], color=f"C{c}", marker="*", s=140, edgecolor="black",
                        label="parent" if c == 0 else None)
         vals = [r[f"{k}_{phase}{suffix}"] for r in rows for k in ("pred", "meas")]
-        lo, hi = min(vals) * 0.8, max(vals) * 1.25
-        line = np.geomspace(lo, hi, 50)
+        lo, hi = min(vals) * 0.85, max(vals) * 1.15
+        line = np.linspace(lo, hi, 50)
         ax.plot(line, line, "k-", lw=1, label="y = x")
         ax.fill_between(line, line * 0.9, line * 1.1, color="0.85", zorder=0, label="±10 %")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_xlabel(f"measured {label}")
