@@ -75,7 +75,7 @@ class RunConfig:
     preset: str = _f("default", "run")  # preset the values started from (recorded, not re-applied)
     runs_root: str = _f("runs", "run")  # where run dirs live; relative = to the cwd (repo root)
     reports_root: str = _f("reports", "run")  # where the runner writes executed notebooks + html
-    threads: int = _f(0, "run")  # torch intra-op threads; 0 = torch's default (all cores)
+    threads: int = _f(0, "01_profiling")  # torch intra-op threads; 0 = torch default. Tagged 01: wall-clock timings depend on it
     force: bool = _f(False, "run")  # recompute stages even when their cached artifacts are fresh
     # seed is tagged "data" (not "run") because it changes the split, the tokenizer and every
     # trained weight: a new seed must never silently reuse artifacts made with the old one.

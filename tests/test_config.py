@@ -149,7 +149,7 @@ def test_hash_tracks_exactly_the_stage_fields():
     assert changed(base.replace(device="auto")) == {"01_profiling", None}
     assert changed(base.replace(seq_len=32)) == set(stages) | {None}  # data feeds every stage
     assert changed(base.replace(seed=1)) == set(stages) | {None}
-    for run_field in ({"run_name": "x"}, {"threads": 3}, {"force": True}, {"runs_root": "/r"}):
+    for run_field in ({"run_name": "x"}, {"force": True}, {"runs_root": "/r"}):
         assert changed(base.replace(**run_field)) == set()
     assert re.fullmatch(r"[0-9a-f]{16}", base.hash("02_bld"))
     with pytest.raises(ConfigError):
