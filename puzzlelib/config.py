@@ -143,7 +143,7 @@ class RunConfig:
     bld_warmup_steps: int = _f(4, "02_bld")  # linear warm-up steps of each block
     bld_weight_decay: float = _f(0.0, "02_bld")  # AdamW decay (0: blocks start at the parent's weights)
     bld_grad_clip: float = _f(1.0, "02_bld")  # max grad norm per block; 0 disables clipping
-    bld_calib_tokens: int = _f(65_536, "02_bld")  # train tokens measuring FFN channel contributions (pruning order)
+    bld_calib_tokens: int = _f(16_384, "02_bld")  # train tokens measuring FFN channel contributions (pruning order)
     bld_eval_tokens: int = _f(8_192, "02_bld")  # held-out tokens for normalized MSE before/during/after
     bld_eval_every: int = _f(32, "02_bld")  # steps between held-out evaluations of a block; 0 = before/after only
     bld_autocast_bf16: bool = _f(True, "02_bld")  # bf16 autocast for block training (targets and evaluation stay fp32)
@@ -178,7 +178,7 @@ class RunConfig:
 
     # 05_gkd: global knowledge distillation of the chosen children against the frozen parent.
     gkd_children: str = _f("all", "05_gkd")  # children of stage 04 to distil: "all" or comma-separated names
-    gkd_tokens: int = _f(262_144, "05_gkd")  # training tokens per child (the same for every child: fair)
+    gkd_tokens: int = _f(131_072, "05_gkd")  # training tokens per child (the same for every child: fair)
     gkd_batch_size: int = _f(16, "05_gkd")  # sequences per optimizer step (global, across processes)
     gkd_grad_accum: int = _f(1, "05_gkd")  # micro-batches per step (memory, not maths: same result)
     gkd_lr: float = _f(3e-4, "05_gkd")  # AdamW peak learning rate
@@ -194,7 +194,7 @@ class RunConfig:
     gkd_eval_tokens: int = _f(16_384, "05_gkd")  # held-out tokens per evaluation
     gkd_checkpoint_every: int = _f(16, "05_gkd")  # steps between resumable checkpoints; 0 = never
     gkd_ablation: bool = _f(True, "05_gkd")  # also distil the first child with each loss alone (paper's table)
-    gkd_ablation_tokens: int = _f(131_072, "05_gkd")  # tokens per ablation run
+    gkd_ablation_tokens: int = _f(65_536, "05_gkd")  # tokens per ablation run
 
     # ---- 06_evaluation: accuracy retained (lm-eval, local held-out tasks) and measured speed -----
     # Sample counts set the stage's time: every model answers every sample (4 choices, plus 4

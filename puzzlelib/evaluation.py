@@ -492,7 +492,7 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     built = build_local_tasks(cfg, pres.dir)  # bad sample counts fail here, before any artifact
     prof, sres, gres = profiling.load(cfg), search.load(cfg), gkd.load(cfg)
     device = profiling.resolve_device(cfg.device)
-    speed_threads = profiling._stage_threads(cfg)
+    speed_threads = profiling.stage_threads(cfg)
     profiling.check_clock(cfg.profile_clock, device, speed_threads)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -254,7 +254,7 @@ def bld_before_after(rows: list[dict], title: str = "Normalized MSE before (pure
         ax.set_title(_BLD_TITLES.get(kind, kind) + sub, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("held-out normalized MSE (log)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

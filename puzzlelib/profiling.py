@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from . import parent as parent_stage
 from .blocks import Variant, VariantError, build_child, init_variant, list_library, parse_variant
@@ -1184,7 +1184,7 @@ def _load_result(rd: RunDir, reused: bool) -> ProfilingResult:
                            json.loads((d / "samples.json").read_text()))
 
 
-def _stage_threads(cfg: RunConfig) -> int:
+def stage_threads(cfg: RunConfig) -> int:
     """Intra-op threads for the measurement: the config's, or 1 for the CPU clock."""
     if cfg.profile_clock == "cpu":
         if cfg.threads not in (0, 1):
@@ -1203,7 +1203,7 @@ def run(cfg: RunConfig, progress: bool = True) -> ProfilingResult:
         return _load_result(rd, reused=True)
     # Every refusal comes before the stage folder is touched: bad input leaves no partial artifact.
     device = resolve_device(cfg.device)
-    threads = _stage_threads(cfg)
+    threads = stage_threads(cfg)
     check_clock(cfg.profile_clock, device, threads)
     parent_res = parent_stage.load(cfg)  # refuses a missing or stale parent, naming notebook 00
     statistic, clock = cfg.profile_statistic, cfg.profile_clock
@@ -1218,7 +1218,7 @@ def measurement_threads(cfg: RunConfig) -> Iterator[int]:
     """Set the intra-op threads stage 01 measures with (1 for the CPU clock), and restore the
     previous count afterwards, so later notebook cells keep theirs. Use it to re-measure (e.g.
     an ablation) under the same conditions as the stage."""
-    threads = _stage_threads(cfg)
+    threads = stage_threads(cfg)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
