@@ -417,6 +417,8 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
     """Run (or reuse) stage 05 for ``cfg``. Under torchrun every rank calls this."""
     from . import bld, parent as parent_stage
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # more threads than free cores slows everything 2-10x
     dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     fresh = rd.is_fresh(STAGE) and not cfg.force
