@@ -47,15 +47,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import data
 from .config import ConfigError, RunConfig, parse_set_args
-from .export import save_checkpoint, tensors_to_save
+from .export import save_checkpoint
 from .model import PuzzleForCausalLM
-from .parent import lr_at, make_optimizer
-from .rundir import RunDir, atomic_dir, atomic_write_json
+from .parent import load_train_state, lr_at, make_optimizer, save_train_state
+from .rundir import RunDir, atomic_write_json
 
 STAGE = "05_gkd"
 
@@ -202,28 +201,6 @@ class Dist:
 
 # ---------------------------------------------------------------------------------- training
 
-def _save_state(state_dir: Path, child, opt, step: int, history: dict, key: str) -> None:
-    with atomic_dir(state_dir) as tmp:
-        save_file(tensors_to_save(child), str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
-
-
-def _load_state(state_dir: Path, child, opt, key: str):
-    meta = state_dir / "state.json"
-    if not meta.exists():
-        return None
-    state = json.loads(meta.read_text())
-    if state.get("key") != key:
-        return None
-    child.load_state_dict(load_file(str(state_dir / "model.safetensors")), strict=False)
-    if child.config.tie_word_embeddings:
-        child.tie_weights()
-    # weights_only: optimizer state is tensors and numbers; never unpickle arbitrary objects.
-    opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-    return state["step"], state["history"]
-
-
 def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarray, held: np.ndarray,
             s: GKDSettings, state_dir: Path | None = None, key: str = "", dd: Dist | None = None,
             stop_after: int | None = None, desc: str = "GKD") -> dict:
@@ -244,7 +221,7 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarr
                "eval": [], "tokens_per_step": s.batch_size * s.seq_len, "total_steps": s.steps, "seconds": 0.0}
     start = 0
     if state_dir is not None:
-        got = _load_state(state_dir, child, opt, key)
+        got = load_train_state(state_dir, child, opt, key)
         if got is not None:
             start, history = got
     child.train()
@@ -288,7 +265,7 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarr
         history["seconds"] = time.perf_counter() - t0
         done_here += 1
         if state_dir is not None and dd.main and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and not last:
-            _save_state(state_dir, child, opt, step + 1, history, key)
+            save_train_state(state_dir, child, opt, step + 1, history, key)
         dd.barrier()
         if stop_after is not None and done_here >= stop_after and not last:
             raise KeyboardInterrupt(f"stopped after {done_here} GKD steps (stop_after)")

@@ -178,14 +178,15 @@ def evaluate(model: PuzzleForCausalLM, held: np.ndarray, cfg: RunConfig, max_tok
     return total / max(n, 1)
 
 
-def _save_train_state(state_dir: Path, model, opt, step: int, history: dict, key: str) -> None:
+def save_train_state(state_dir: Path, model, opt, step: int, history: dict, key: str) -> None:
+    """Atomically checkpoint a training run (weights, optimizer, step, history) for resuming."""
     with atomic_dir(state_dir) as tmp:
         save_file(tensors_to_save(model), str(tmp / "model.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
 
 
-def _load_train_state(state_dir: Path, model, opt, key: str):
+def load_train_state(state_dir: Path, model, opt, key: str):
     """(step, history) from a checkpoint made with the same config key, else None."""
     meta = state_dir / "state.json"
     if not meta.exists():
@@ -215,7 +216,7 @@ def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, he
     history = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval_loss": [],
                "tokens_per_step": tokens_per_step, "total_steps": total, "train_seconds": 0.0}
     start = 0
-    resumed = _load_train_state(state_dir, model, opt, key)
+    resumed = load_train_state(state_dir, model, opt, key)
     if resumed is not None:
         start, history = resumed
     model.train()
@@ -247,7 +248,7 @@ def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, he
         history["train_seconds"] = time.perf_counter() - t_start
         done_here += 1
         if cfg.parent_checkpoint_every and (step + 1) % cfg.parent_checkpoint_every == 0 and not last:
-            _save_train_state(state_dir, model, opt, step + 1, history, key)
+            save_train_state(state_dir, model, opt, step + 1, history, key)
         if stop_after is not None and done_here >= stop_after and not last:
             raise KeyboardInterrupt(f"stopped after {done_here} steps (stop_after)")
     model.eval()

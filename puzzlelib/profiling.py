@@ -78,7 +78,7 @@ from .blocks import Variant, VariantError, build_child, init_variant, list_libra
 from .config import RunConfig
 from .model import PuzzleCache, PuzzleConfig, PuzzleForCausalLM
 from .modeling_decilm import PuzzleModel
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_write_json, atomic_write_text, read_csv_rows
 
 STAGE = "01_profiling"
 SUB_BLOCKS = ("attn", "ffn")
@@ -1120,20 +1120,6 @@ def rows_to_csv(rows: list[dict], path: str | Path | None = None) -> str:
     return text
 
 
-def read_csv_rows(path: str | Path) -> list[dict]:
-    """CSV -> rows with numbers and booleans converted back."""
-    def conv(v: str):
-        if v in ("True", "False"):
-            return v == "True"
-        for t in (int, float):
-            try:
-                return t(v)
-            except ValueError:
-                pass
-        return v
-
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:

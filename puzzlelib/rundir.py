@@ -540,3 +540,21 @@ def _list_artifacts(d: Path) -> list[dict[str, Any]]:
 def _check_stage(stage: str) -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV the kit wrote, with ints, floats and booleans restored (stages' tables)."""
+    import csv
+
+    def conv(v: str) -> Any:
+        if v in ("True", "False"):
+            return v == "True"
+        for t in (int, float):
+            try:
+                return t(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(f)]

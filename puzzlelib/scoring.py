@@ -72,7 +72,7 @@ from .config import RunConfig
 from .library import Library, LibraryMismatch, split_pair_name, split_pair_tensors
 from .model import PuzzleConfig, PuzzleForCausalLM, child_config
 from .modeling_decilm import PuzzleDecoderLayer
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_write_json, atomic_write_text, read_csv_rows
 
 STAGE = "03_scoring"
 SOURCES = ("bld", "init")
@@ -629,20 +629,6 @@ def _rows_to_csv(rows: list[dict], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def read_csv_rows(path: str | Path) -> list[dict]:
-    """Rows of a CSV this module wrote, with ints, floats and booleans restored."""
-    def conv(v: str):
-        if v in ("True", "False"):
-            return v == "True"
-        for t in (int, float):
-            try:
-                return t(v)
-            except ValueError:
-                pass
-        return v
-
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 # --------------------------------------------------------------------------- interactions
