@@ -20,6 +20,7 @@ export HF_HOME              := $(CURDIR)/.cache/hf
 export HF_HUB_OFFLINE       ?= 1
 export HF_DATASETS_OFFLINE  ?= 1
 export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS ?= ignore:IProgress not found
 
 .PHONY: venv reproduce run test test-fast lab bench clean distclean
 

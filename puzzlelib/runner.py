@@ -120,6 +120,9 @@ def kernel_env(repo_root: Path, base: dict[str, str] | None = None) -> dict[str,
         # A saved notebook keeps every progress-bar redraw as text: redraw at most every 10 s so
         # the report shows the progress, not thousands of lines of it.
         "TQDM_MININTERVAL": "10",
+        # Libraries the kit imports (huggingface_hub, lm-eval) use tqdm.auto, which warns in every
+        # notebook that ipywidgets is missing; the kit's own bars are plain text on purpose.
+        "PYTHONWARNINGS": "ignore:IProgress not found",
     }
     for k, v in defaults.items():
         env.setdefault(k, v)
