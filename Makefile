@@ -29,6 +29,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "puzzlelib pins Python 3.11 (found %s); set PYTHON=/path/to/python3.11" % sys.version.split()[0]'
 	$(PYTHON) -m venv $(VENV)
+	@mkdir -p .cache
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 is pinned in pyproject.toml: a CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet -e '.[test]'

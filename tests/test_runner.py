@@ -109,7 +109,9 @@ def test_show_config(capsys):
     assert json.loads(capsys.readouterr().out)["run_name"] == "smoke"
 
 
-def test_two_notebook_pipeline(repo, capfd):
+def test_two_notebook_pipeline(repo, capfd, monkeypatch):
+    # The runner only fills in caches the caller left unset (`make test` sets its own HF_HOME).
+    monkeypatch.delenv("HF_HOME", raising=False)
     for stage in ("00_parent", "01_profiling"):
         write_nb(repo / "notebooks" / f"{stage}.ipynb", STAGE_BODY.format(stage=stage))
     rc = main(["run", "--preset", "smoke", "--run-name", "tiny", "--set", "seq_len=32",
