@@ -703,3 +703,100 @@ def interaction_scatter(rows: list[dict], stats: dict | None = None,
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def memory_vs_batch(batches: list[int], curves: dict[str, list[float]],
+                    title: str = "Memory of a child: weights + KV cache, against the batch size"
+                    ) -> plt.Figure:
+    """One line per named child: predicted memory in MiB (bytes in ``curves``) at each batch size.
+    Where a line starts is its weights; its slope is the KV cache one more sequence adds, which
+    is what fewer KV heads shrink."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    for c, (name, values) in enumerate(curves.items()):
+        ax.plot(batches, np.asarray(values, float) / 2**20, "o-", color=f"C{c % 10}", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size (sequences served at once)")
+    ax.set_ylabel("weights + KV cache (MiB)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def channel_contribution(scores: dict, fractions: list[float] = (),
+                         title: str = "How much of the FFN's contribution the widest channels carry"
+                         ) -> plt.Figure:
+    """Per layer: the share of the summed channel contribution kept by the top-k channels (sorted
+    largest first) against k / width. The diagonal is "every channel matters equally"; a curve far
+    above it means pruning to that width keeps most of what the FFN adds. Dotted lines mark the
+    library's widths (``fractions``)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for c, (layer, s) in enumerate(sorted(scores.items())):
+        s = np.sort(np.asarray(s, dtype=float))[::-1]
+        kept = np.concatenate([[0.0], np.cumsum(s) / max(s.sum(), 1e-30)])
+        ax.plot(np.linspace(0, 1, len(kept)), kept, color=plt.cm.viridis(c / max(1, len(scores) - 1)),
+                label=f"layer {layer}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="all channels equal")
+    for f in fractions:
+        if 0 < f < 1:
+            ax.axvline(f, color="0.6", lw=0.7, ls=":")
+    ax.set_xlabel("share of channels kept (largest contribution first)")
+    ax.set_ylabel("share of the total contribution kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def variant_score_ranges(per_variant: dict[str, dict], floor: float = 1e-6,
+                         title: str = "One-block KL per variant: mean over layers, best to worst layer"
+                         ) -> plt.Figure:
+    """One horizontal bar per variant (``kl_mean``) with a whisker from its best layer
+    (``kl_min``) to its worst (``kl_max``), log scale. The parent's own variants (KL 0) are left
+    out; a long whisker is a variant whose cost depends on where it goes."""
+    names = [n for n, d in per_variant.items() if d["kl_max"] > 0]
+    fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.32 * len(names)))
+    y = np.arange(len(names))
+    mean = np.array([max(per_variant[n]["kl_mean"], floor) for n in names])
+    lo = np.array([max(per_variant[n]["kl_min"], floor) for n in names])
+    hi = np.array([max(per_variant[n]["kl_max"], floor) for n in names])
+    colours = ["C0" if n.startswith("attn") else "C1" for n in names]
+    base = lo.min() / 2 if len(names) else floor  # log axis: bars start just left of the best layer
+    ax.barh(y, mean - base, left=base, color=colours, alpha=0.75)
+    ax.errorbar(mean, y, xerr=[mean - lo, hi - mean], fmt="none", ecolor="k", elinewidth=0.9, capsize=3)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(parent ‖ one-block child), nats/token (log)")
+    ax.grid(alpha=0.3, axis="x", which="both")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def gkd_ablation(ablation: dict[str, dict], best: str = "cosine + KL",
+                 title: str = "GKD loss ablation (same child, same budget)") -> plt.Figure:
+    """Bars per loss combination: held-out KL to the parent (lower is better) and top-1 agreement
+    (higher is better); ``best`` (the paper's choice) is outlined so the comparison is at a glance."""
+    names = list(ablation)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, key, label in ((axes[0], "kl", "held-out KL(parent ‖ child) ↓"),
+                           (axes[1], "top1_agreement", "top-1 agreement with the parent ↑")):
+        vals = [ablation[n][key] for n in names]
+        bars = ax.bar(range(len(names)), vals, color=["C0" if n == best else "0.7" for n in names])
+        for b, n in zip(bars, names):
+            if n == best:
+                b.set_edgecolor("k")
+                b.set_linewidth(1.5)
+        lo, hi = min(vals), max(vals)
+        pad = (hi - lo) * 0.6 or abs(hi) * 0.05 or 1.0
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)  # differences are small: zoom in on them
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{title} — outlined: the paper's best ({best})", fontsize=10)
+    fig.tight_layout()
+    return fig
