@@ -22,7 +22,7 @@ export HF_DATASETS_OFFLINE  ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS ?= ignore:IProgress not found
 
-.PHONY: venv reproduce run test test-fast lab bench clean distclean
+.PHONY: venv reproduce run test test-fast lab browser-deps student bench clean distclean
 
 venv: $(STAMP)
 
@@ -48,14 +48,28 @@ test: $(STAMP)
 test-fast: $(STAMP)   # skips the notebook smoke runs
 	$(BIN)/python -m pytest -m "not slow"
 
+# Opens with the venv's kernel "Python 3 (puzzlelib)". JupyterLab refuses root without --allow-root.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+
+# Debian/Ubuntu's headless chromium + chromedriver for the JupyterLab browser test (tests/test_lab.py).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver are installed"; \
+	else \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+student: $(STAMP)   # student/: the notebooks with solutions stubbed out and outputs cleared (checked in CI)
+	$(BIN)/python -m puzzlelib student
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_children.py
 
 clean:
-	rm -rf runs/ .cache/ .pytest_cache/
+	rm -rf runs/ .cache/ .pytest_cache/ test-artifacts/
 
 distclean: clean
 	rm -rf $(VENV)

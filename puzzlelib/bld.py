@@ -187,6 +187,10 @@ def plan(pc: PuzzleConfig, cfg: RunConfig) -> tuple[dict[str, list[str]], list[J
     try:
         lib = list_library(pc, kv, tuple(sorted(set(fr) | {1.0}, reverse=True)),
                            cfg.bld_include_linear, cfg.bld_include_noop)
+    except VariantError as e:  # name the setting to change, not only the variant
+        raise BLDError(f"bld_kv_heads={cfg.bld_kv_heads!r} / bld_ffn_fractions="
+                       f"{cfg.bld_ffn_fractions!r}: {e}") from None
+    try:
         pairs = []
         for p in _split(cfg.bld_coupled_pairs):
             names = split_pair_name(p)
@@ -198,7 +202,7 @@ def plan(pc: PuzzleConfig, cfg: RunConfig) -> tuple[dict[str, list[str]], list[J
                                    "e.g. 'attn:kv1+ffn:0.50'")
             pairs.append((a, f))
     except VariantError as e:
-        raise BLDError(f"bad BLD variant settings: {e}") from None
+        raise BLDError(f"bld_coupled_pairs={cfg.bld_coupled_pairs!r}: {e}") from None
     variants = {"attn": [v.name for v in lib["attn"]], "ffn": [v.name for v in lib["ffn"]],
                 "pairs": [pair_name(a.name, f.name) for a, f in pairs]}
     jobs = []

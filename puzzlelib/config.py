@@ -125,6 +125,9 @@ class RunConfig:
     profile_num_random_children: int = _f(12, "01_profiling")  # children in the additivity check
     profile_clock: str = _f("wall", "01_profiling", ("wall", "cpu"))  # wall = elapsed; cpu = 1-thread CPU time, immune to other processes
     profile_statistic: str = _f("median", "01_profiling", ("median", "p10", "min"))  # how samples become the table's ms (noise only adds time)
+    # Timings differ between two runs, and a different cost table can make the search pick another
+    # child: importing one table makes runs on many machines (or a rerun) find the same children.
+    profile_costs_from: str = _f("", "01_profiling")  # "" = measure here; else an earlier run's costs.csv, its 01_profiling/ folder or its run folder: imported, not measured
 
     # ---- 02_bld: the block library, by blockwise local distillation ----------------------------
     # Variant lists are comma-separated strings (RunConfig fields are scalars). The parent's own
@@ -624,6 +627,14 @@ def _bld_errors(c: RunConfig) -> list[str]:
     if not all(t.isdigit() and int(t) > 0 for t in kv):
         e.append(f"bld_kv_heads must be 'auto' or comma-separated KV-head counts >= 1, e.g. "
                  f"'2,1', got {c.bld_kv_heads!r}")
+    elif c.parent == "embedded" and c.parent_num_heads > 0:
+        # The embedded parent's head count is known here; an HF parent's is checked by bld.plan.
+        h = c.parent_num_heads
+        bad = [t for t in kv if h % int(t)]
+        if bad:
+            e.append(f"bld_kv_heads={c.bld_kv_heads!r}: {', '.join(bad)} does not divide "
+                     f"parent_num_heads={h} (GQA shares each KV head by a whole group of query "
+                     f"heads); use divisors of {h}: {[d for d in range(1, h + 1) if h % d == 0]}")
     try:
         fr = [float(t) for t in items(c.bld_ffn_fractions)]
         if not all(0 < f <= 1 for f in fr):

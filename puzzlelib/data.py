@@ -416,8 +416,17 @@ def encode_docs(tokenizer, docs: list[str], batch_docs: int = 64,
 
 def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        # numpy's tofile reports a short write as "N requested and M written", without errno:
+        # say what it almost always means.
+        msg = (f"writing {path} failed ({e.strerror or e}): the disk is probably full or over "
+               "quota; free disk space or set runs_root to a folder on a disk with room")
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_token_cache(corpus: Corpus, tokenizer, cache_dir: str | Path) -> dict:

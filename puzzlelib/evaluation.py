@@ -19,8 +19,10 @@ What it does (DESIGN.md §1.6):
   (softmax over the choices' scores) give calibration (ECE) and selective prediction (AURC and the
   excess over a perfect ranking, E-AURC) of parent vs children: does compression keep the model's
   knowledge of when it is wrong?
-* writes the report: ``reports/<run>/summary.md``, ``metrics.json`` and the headline figure, and can
-  regenerate the README's results table from ``reports/default/metrics.json``.
+* writes the report: ``reports/<run>/summary.md``, ``metrics.json`` (only what the seed, config
+  and cost table determine, so a rerun writes the same bytes), ``timings.json`` (every wall-clock
+  measurement), ``environment.json`` and the headline figure, and can regenerate the README's
+  results table from ``reports/default/metrics.json`` + ``timings.json``.
 
 Reads stages 00 (parent, tokenizer, corpus fingerprint), 01 (cost table, scenarios), 02 (library,
 for the children before GKD), 04 (child specs, Pareto front) and 05 (distilled checkpoints).
@@ -738,11 +740,125 @@ def report_dir(cfg: RunConfig) -> Path:
     return Path(cfg.reports_root) / cfg.run_name
 
 
-REPORT_FILES = ("summary.md", "metrics.json", "retention_vs_speedup.png")
+REPORT_FILES = ("summary.md", "metrics.json", "timings.json", "environment.json",
+                "retention_vs_speedup.png")
+# Per-model fields of the comparison that are wall-clock measurements: they go to timings.json.
+_TIMED_ROW_KEYS = ("measured", "measured_speedup", "speedup_error", "eval_seconds")
+
+
+def split_report(metrics: dict, run_dir: str | Path | None = None) -> tuple[dict, dict]:
+    """Split stage 06's metrics into (deterministic, timings).
+
+    The first part depends only on the seed, the config and the cost table: two runs that share
+    them write it byte for byte the same (accuracies, retention and its interval, bits per byte,
+    uncertainty, predicted speed-ups, task hashes, settings), with model sources relative to
+    ``run_dir`` instead of absolute paths. The second holds every wall-clock measurement
+    (measured speed-ups and tokens/s, stage 04's measured re-check, solve and evaluation seconds,
+    device and threads), which differs on every run. :func:`merge_report` undoes the split.
+    """
+    det = {k: v for k, v in metrics.items() if k not in ("device", "threads", "timing", "models",
+                                                           "headline", "pareto")}
+    tim: dict = {"run_name": metrics.get("run_name"), "device": metrics.get("device"),
+                 "threads": metrics.get("threads"), "timing": metrics.get("timing"), "models": {}}
+    root = Path(run_dir).absolute() if run_dir is not None else None
+    rows = []
+    for r in metrics.get("models", []):
+        row = {k: v for k, v in r.items() if k not in _TIMED_ROW_KEYS}
+        if root is not None and Path(str(r.get("source", ""))).is_absolute():
+            try:
+                row["source"] = Path(r["source"]).relative_to(root).as_posix()
+            except ValueError:  # outside the run (e.g. a local HF parent): the folder's name only
+                row["source"] = Path(r["source"]).name
+        search_rec = dict(r.get("search") or {})
+        t = {k: r[k] for k in _TIMED_ROW_KEYS if k in r}
+        if "measured" in search_rec:
+            t["search_measured"] = search_rec.pop("measured")
+            row["search"] = search_rec
+        rows.append(row)
+        tim["models"][r["name"]] = t
+    det["models"] = rows
+    if "headline" in metrics:
+        h = dict(metrics["headline"])
+        tim["headline"] = {"measured_speedup": h.pop("measured_speedup", None),
+                           "goal_met": h.pop("goal_met", None),  # it compares a measured speed-up
+                           "baselines": {n: {"measured_speedup": b.get("measured_speedup")}
+                                         for n, b in h.get("baselines", {}).items()}}
+        h["baselines"] = {n: {k: v for k, v in b.items() if k != "measured_speedup"}
+                          for n, b in h.get("baselines", {}).items()}
+        det["headline"] = h
+    if "pareto" in metrics:
+        det["pareto"] = [{k: v for k, v in p.items() if k != "seconds"} for p in metrics["pareto"] or []]
+        tim["pareto_solve_seconds"] = [p.get("seconds") for p in metrics["pareto"] or []]
+    return det, tim
+
+
+def merge_report(det: dict, tim: dict) -> dict:
+    """metrics.json + timings.json -> the full metrics (as stage 06 returns them, sources aside)."""
+    out = {**det, "device": tim.get("device"), "threads": tim.get("threads"), "timing": tim.get("timing")}
+    rows = []
+    for r in det.get("models", []):
+        t = dict(tim.get("models", {}).get(r["name"], {}))
+        row = {**r, **{k: t[k] for k in _TIMED_ROW_KEYS if k in t}}
+        if "search_measured" in t:
+            row["search"] = {**r.get("search", {}), "measured": t["search_measured"]}
+        rows.append(row)
+    out["models"] = rows
+    if "headline" in det:
+        h, th = dict(det["headline"]), tim.get("headline") or {}
+        if "model" in h:
+            h.update(measured_speedup=th.get("measured_speedup"), goal_met=th.get("goal_met"))
+            h["baselines"] = {n: {**b, **(th.get("baselines") or {}).get(n, {})}
+                              for n, b in h.get("baselines", {}).items()}
+        out["headline"] = h
+    if "pareto" in det:
+        secs = tim.get("pareto_solve_seconds") or []
+        out["pareto"] = [{**p, **({"seconds": secs[i]} if i < len(secs) else {})}
+                         for i, p in enumerate(det["pareto"])]
+    return out
+
+
+def read_report(metrics_path: str | Path) -> dict:
+    """The full metrics of a report folder: ``metrics.json`` merged with the ``timings.json`` next
+    to it. A report written before the split (measured fields inside metrics.json) is returned as
+    it is; a split one whose timings.json is missing raises :class:`EvaluationError`."""
+    metrics_path = Path(metrics_path)
+    det = json.loads(metrics_path.read_text(encoding="utf-8"))
+    timings = metrics_path.with_name("timings.json")
+    if "timing" in det:  # the old single-file layout
+        return det
+    if not timings.is_file():
+        raise EvaluationError(f"{metrics_path} holds no measured speed-ups and {timings} is missing: "
+                              "rerun notebooks/06_evaluation.ipynb to write both")
+    return merge_report(det, json.loads(timings.read_text(encoding="utf-8")))
+
+
+def report_environment(cfg: RunConfig) -> dict:
+    """What produced the report and what would change its numbers: the run's environment record
+    (interpreter, packages, device, threads, git commit, what breaks bit-identity), the corpus
+    fingerprint stage 00 recorded, and where the cost table came from (measured or imported)."""
+    from .rundir import environment_info, file_sha256
+
+    run = Path(cfg.runs_root) / cfg.run_name
+    env_path = run / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else environment_info(cfg)
+    corpus = run / "00_parent" / "corpus.json"
+    if corpus.is_file():
+        c = json.loads(corpus.read_text())
+        env["corpus"] = {"spec": cfg.corpus, "fingerprint": c.get("fingerprint"),
+                         "python_version": c.get("python_version")}
+    costs = run / "01_profiling" / "costs.csv"
+    if costs.is_file():
+        env["cost_table"] = {"sha256": file_sha256(costs),
+                             "imported_from": cfg.profile_costs_from or None,
+                             "note": "measured costs differ on every run and can change the children "
+                                     "the search picks; profile_costs_from imports one table"}
+    return env
 
 
 def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
-    """Write ``reports/<run>/summary.md``, ``metrics.json`` and the headline figure; return the paths."""
+    """Write ``reports/<run>/``: ``summary.md``, ``metrics.json`` (what the seed, config and cost
+    table determine: identical across reruns), ``timings.json`` (every wall-clock measurement),
+    ``environment.json`` and the headline figure; return the paths."""
     import matplotlib.pyplot as plt
 
     from . import plots
@@ -750,7 +866,10 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in REPORT_FILES}
-    atomic_write_json(paths["metrics.json"], result.metrics)
+    det, tim = split_report(result.metrics, Path(cfg.runs_root) / cfg.run_name)
+    atomic_write_json(paths["metrics.json"], det)
+    atomic_write_json(paths["timings.json"], tim)
+    atomic_write_json(paths["environment.json"], report_environment(cfg))
     atomic_write_text(paths["summary.md"], summary_markdown(result.metrics))
     fig = plots.retention_vs_speedup(result.models, result.metrics.get("pareto"), result.metrics["target_speedup"])
     tmp = paths["retention_vs_speedup.png"].with_name(".retention_vs_speedup.tmp.png")
@@ -762,10 +881,12 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
 
 def update_readme_results(readme_path: str | Path = "README.md",
                           metrics_path: str | Path = "reports/default/metrics.json") -> bool:
-    """Replace the README's results table (between ``MARKERS``) with the one in ``metrics_path``.
+    """Replace the README's results table (between ``MARKERS``) with the one in ``metrics_path``
+    and the ``timings.json`` next to it (see :func:`read_report`; a report from before the split
+    is read as it is).
 
-    A no-op that says why when the markers or the metrics file are missing; returns whether the
-    README was rewritten.
+    A no-op that says why when the markers, the metrics file or its timings are missing; returns
+    whether the README was rewritten.
     """
     readme, metrics_path = Path(readme_path), Path(metrics_path)
     if not metrics_path.is_file():
@@ -778,7 +899,11 @@ def update_readme_results(readme_path: str | Path = "README.md",
         print(f"update_readme_results: {readme} has no {MARKERS[0]} … {MARKERS[1]} markers; README left "
               "unchanged (add both markers where the results table belongs)")
         return False
-    m = json.loads(metrics_path.read_text(encoding="utf-8"))
+    try:
+        m = read_report(metrics_path)
+    except EvaluationError as e:
+        print(f"update_readme_results: {e}; README left unchanged")
+        return False
     block = (f"\n{headline_sentence(m)}\n\n{results_table(m)}\n\n"
              f"<sub>Generated from `{metrics_path.as_posix()}` by `puzzlelib.evaluation.update_readme_results` "
              f"(run `{m['run_name']}`, {m['device']}, {m['threads']} threads).</sub>\n")

@@ -18,6 +18,8 @@ choosing variants (see ``blocks.py``).
 from __future__ import annotations
 
 import copy
+import json
+import struct
 import warnings
 from pathlib import Path
 
@@ -34,8 +36,17 @@ AutoModelForCausalLM.register(PuzzleConfig, PuzzleForCausalLM, exist_ok=True)
 # Phi's fused qkv, MoE, …) needs a converter of its own, so we refuse it instead of guessing.
 SUPPORTED_PARENT_TYPES = ("llama", "mistral", "qwen2")
 
-__all__ = ["PuzzleConfig", "PuzzleForCausalLM", "PuzzleCache", "from_llama", "load_parent",
-           "child_config", "count_params", "SUPPORTED_PARENT_TYPES"]
+__all__ = [
+    "SUPPORTED_PARENT_TYPES",
+    "PuzzleCache",
+    "PuzzleConfig",
+    "PuzzleForCausalLM",
+    "check_parent_dir",
+    "child_config",
+    "count_params",
+    "from_llama",
+    "load_parent",
+]
 
 
 class ParentError(ValueError):
@@ -122,10 +133,7 @@ def load_parent(path_or_id: str | Path | PreTrainedModel, dtype: torch.dtype = t
         warnings.warn(f"trust_remote_code=True: Python code shipped with {src!r} will run.", stacklevel=2)
     local = Path(src)
     if local.exists():
-        if not (local / "config.json").exists():
-            raise ParentError(f"{local} has no config.json: point `parent` at a Hugging Face model directory.")
-        if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
-            raise ParentError(f"{local} has no weights (*.safetensors): the checkpoint is incomplete.")
+        check_parent_dir(local)
     cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     if cfg.model_type == PuzzleConfig.model_type and local.exists():
         from .export import load_checkpoint  # strict: no silently re-initialised tensors
@@ -134,8 +142,97 @@ def load_parent(path_or_id: str | Path | PreTrainedModel, dtype: torch.dtype = t
     if cfg.model_type == PuzzleConfig.model_type:
         return PuzzleForCausalLM.from_pretrained(src, dtype=dtype).eval()
     _puzzle_config_from_hf(cfg)  # refuse unsupported architectures before loading any weight
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+    # use_safetensors=True: a hub repo with only pytorch_model.bin is refused rather than unpickled.
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              use_safetensors=True)
     return from_llama(hf, dtype)
+
+
+def check_parent_dir(path: str | Path, seq_len: int | None = None) -> None:
+    """Refuse a local parent directory the kit cannot load, reading only JSON and file headers.
+
+    Checked: it is a folder with a ``config.json`` object of a supported ``model_type``; its
+    weights are safetensors (pickle-based ``*.bin`` / ``*.pt`` are refused, because unpickling runs
+    arbitrary code); every ``*.safetensors`` file is as long as its header says (a truncated
+    download fails here, not halfway through a stage); a ``tokenizer.json`` next to it emits no id
+    beyond ``vocab_size``; ``seq_len`` fits its positions. Reads only JSON and file headers, so
+    the runner calls it before any notebook starts.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ParentError(f"{path} is not a folder: point `parent` at a Hugging Face model directory "
+                          "(config.json + *.safetensors), a hub id, or 'embedded'.")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ParentError(f"{path} has no config.json: point `parent` at a Hugging Face model directory.")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ParentError(f"{cfg_path} is not readable JSON ({e}); re-download the parent.") from None
+    if not isinstance(cfg, dict):
+        raise ParentError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}.")
+    mt = cfg.get("model_type")
+    if mt != PuzzleConfig.model_type and mt not in SUPPORTED_PARENT_TYPES:
+        raise ParentError(f"Parent model_type {mt!r} (in {cfg_path}) is not supported. Supported: "
+                          f"{', '.join(SUPPORTED_PARENT_TYPES)} (Llama-layout decoders), or a "
+                          f"{PuzzleConfig.model_type!r} checkpoint of this kit.")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        if pickles:
+            raise ParentError(
+                f"{path} holds only pickle weights ({', '.join(pickles[:3])}); the kit loads safetensors "
+                "only, because unpickling a file runs code from it. Convert it once where you trust the "
+                "file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True).")
+        raise ParentError(f"{path} has no weights (*.safetensors): the checkpoint is incomplete.")
+    for shard in shards:
+        problem = _safetensors_problem(shard)
+        if problem:
+            raise ParentError(f"{shard} is truncated or corrupt ({problem}); download or export it again.")
+    _check_tokenizer_fits(path, cfg.get("vocab_size"))
+    max_pos = cfg.get("max_position_embeddings")
+    if seq_len is not None and isinstance(max_pos, int) and seq_len > max_pos:
+        raise ParentError(f"seq_len={seq_len} exceeds the parent's max_position_embeddings={max_pos} "
+                          f"(in {cfg_path}): set seq_len <= {max_pos}.")
+
+
+def _check_tokenizer_fits(path: Path, vocab_size: object) -> None:
+    """A tokenizer.json next to the weights must not emit an id the embedding does not have."""
+    tok_path = path / "tokenizer.json"
+    if not tok_path.is_file() or not isinstance(vocab_size, int):
+        return
+    try:
+        tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ParentError(f"{tok_path} is not readable JSON ({e}); re-download the parent.") from None
+    vocab = (tok.get("model") or {}).get("vocab") or {}
+    # BPE / WordPiece store {token: id}; Unigram stores [[token, score], ...] with id = position.
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= {t["id"] for t in tok.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
+    top = max((i for i in ids if isinstance(i, int)), default=-1)
+    if top >= vocab_size:
+        raise ParentError(f"the tokenizer in {tok_path} emits ids up to {top} but the model's vocabulary "
+                          f"(vocab_size in config.json) is {vocab_size}: use the tokenizer that came with "
+                          "the parent.")
+
+
+def _safetensors_problem(path: Path) -> str:
+    """'' if the file's size matches its header (8-byte length, JSON header, tensor data)."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return f"header says {n} header bytes but the file has {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"header is not JSON: {e}"
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    expected = 8 + n + max(ends, default=0)
+    return "" if size == expected else f"{size} bytes, the header describes {expected}"
 
 
 def child_config(parent: PuzzleConfig, block_configs: list[dict]) -> PuzzleConfig:

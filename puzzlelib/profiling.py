@@ -41,6 +41,13 @@ What it does:
   (sum of the table) vs measured, as absolute error and as the error of the speed-up versus the
   parent (the quantity the search's throughput constraint actually uses).
 
+* **importing a table** (``profile_costs_from``): instead of measuring, take the cost table of
+  an earlier run (checked against this parent, library, scenarios, dtype and statistic; its path
+  and sha256 are recorded). Timings differ between two runs, so two measured tables can make the
+  search pick different children; runs sharing one table (a rerun, every laptop of a workshop,
+  runs profiled once on the target GPU) find the same children. The additivity check still
+  measures here.
+
 Reads: ``runs/<run>/00_parent/model`` via ``parent.load(cfg)``. Writes ``runs/<run>/01_profiling/``:
 ``costs.csv`` (the cost table the search reads, one row per (layer, variant) plus the fixed row,
 layer -1), ``additivity.csv`` (one row per (child, batch size)), ``samples.json`` (every raw timing
@@ -78,7 +85,7 @@ from .blocks import Variant, VariantError, build_child, init_variant, list_libra
 from .config import RunConfig
 from .model import PuzzleCache, PuzzleConfig, PuzzleForCausalLM
 from .modeling_decilm import PuzzleModel
-from .rundir import RunDir, atomic_write_json, atomic_write_text, read_csv_rows
+from .rundir import RunDir, atomic_write_json, atomic_write_text, file_sha256, read_csv_rows
 
 STAGE = "01_profiling"
 SUB_BLOCKS = ("attn", "ffn")
@@ -1078,7 +1085,10 @@ def restate(table: CostTable, rows: list[dict], samples: dict, memory: dict[str,
     and the additivity rows, e.g. to see how much of the error is the estimator's."""
     _check_statistic(statistic)
     new_rows = [dict(r) for r in table.rows]
-    _fill_timings(new_rows, table.scenarios, samples["sub_blocks"], statistic)
+    # A table imported without its samples (profile_costs_from naming a bare costs.csv) cannot be
+    # re-summarised: its rows stay as they are, and only the children's statistic changes.
+    if samples.get("sub_blocks"):
+        _fill_timings(new_rows, table.scenarios, samples["sub_blocks"], statistic)
     new = CostTable(new_rows, table.scenarios, {**table.meta, "statistic": statistic})
     specs = [json.loads(r["choices"]) for r in rows if r["batch"] == table.batch_sizes[0]]
     return new, additivity_rows(new, specs, samples["children"], memory, statistic)
@@ -1134,6 +1144,86 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: i
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ importing a table
+
+def costs_source(spec: str | Path) -> Path:
+    """The ``costs.csv`` that ``profile_costs_from`` names: the file itself, a stage-01 folder
+    holding it, or a run folder holding ``01_profiling/costs.csv``. Relative paths are resolved
+    against the current directory (the repo root, where the notebooks run)."""
+    p = Path(spec).expanduser()
+    for cand in (p, p / "costs.csv", p / STAGE / "costs.csv"):
+        if cand.is_file():
+            if not (cand.parent / "scenarios.json").is_file():
+                raise ProfilingError(
+                    f"profile_costs_from={str(spec)!r}: {cand} has no scenarios.json next to it (the "
+                    "scenarios, dtype and statistic the table was measured with); point it at a "
+                    "complete 01_profiling/ folder of an earlier run")
+            return cand.absolute()
+    raise ProfilingError(f"profile_costs_from={str(spec)!r}: no costs.csv at {p.absolute()}, in it, or in "
+                         f"its {STAGE}/ folder; give an earlier run's costs.csv, its 01_profiling/ folder "
+                         "or its run folder (or '' to measure here)")
+
+
+def import_costs(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], spec: str | Path,
+                 statistic: str, library: dict[str, list[Variant]] | None = None
+                 ) -> tuple[CostTable, dict, dict[str, list[float]], dict]:
+    """Read the cost table an earlier run measured, after checking it describes *this* parent,
+    library and scenarios (a table for another model would give the search wrong costs silently).
+
+    Returns (table, that run's scenarios.json, its raw sub-block samples or {} when it has no
+    samples.json, provenance ``{"path", "sha256"}``). Raises :class:`ProfilingError` naming the
+    first thing that differs. Timings are taken as they are: the point of importing is that every
+    run using one table finds the same children.
+    """
+    path = costs_source(spec)
+    sc = json.loads((path.parent / "scenarios.json").read_text())
+    theirs = [Scenario(**x) for x in sc.get("scenarios", [])]
+    where = f"profile_costs_from={str(spec)!r} ({path})"
+    if [(s.batch, s.prompt_len, s.gen_len) for s in theirs] != [
+            (s.batch, s.prompt_len, s.gen_len) for s in scenarios]:
+        raise ProfilingError(
+            f"{where} was measured for scenarios {[vars(s) for s in theirs]}, this run asks for "
+            f"{[vars(s) for s in scenarios]}: set profile_batch_sizes / profile_prompt_len / "
+            "profile_gen_len to that run's values, or profile_costs_from='' to measure")
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    for name, ours, field_name in (("dtype", dtype, "dtype"), ("statistic", statistic, "profile_statistic")):
+        if sc.get(name) != ours:
+            raise ProfilingError(f"{where} has {name}={sc.get(name)!r}, this run {ours!r}: set "
+                                 f"{field_name}={sc.get(name)!r}, or profile_costs_from='' to measure")
+    table = CostTable.from_csv(path, theirs, sc)
+    cfg = model.config
+    library = library or library_for(cfg)
+    expected = {(-1, FIXED)} | {(i, v.name) for i in range(cfg.num_hidden_layers)
+                                for kind in SUB_BLOCKS for v in library[kind]}
+    have = {(r["layer"], r["variant"]) for r in table.rows}
+    if have != expected:
+        missing, extra = sorted(expected - have), sorted(have - expected)
+        raise ProfilingError(f"{where} covers other blocks than this parent's library: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, extra "
+                             f"{extra[:5]}{'...' if len(extra) > 5 else ''}; it was measured for "
+                             "another parent or library: profile_costs_from='' to measure")
+    # Shapes decide parameters and bytes: equal static costs on every representative layer mean
+    # the same block shapes (a parent with another width or head count differs here).
+    for rep in layer_groups(cfg, library):
+        for kind in SUB_BLOCKS:
+            for v in library[kind]:
+                got = _static_costs(sub_block_model(model, rep, v), v)
+                row = table.row(rep, v.name)
+                bad = {k: (row[k], got[k]) for k in STATIC_METRICS if row[k] != got[k]}
+                if bad:
+                    raise ProfilingError(
+                        f"{where}: layer {rep} {v.name} has {', '.join(f'{k}={a} (this parent: {b})' for k, (a, b) in bad.items())}: "
+                        "the table was measured for another parent; profile_costs_from='' to measure")
+    fixed = _fixed_static(fixed_model(model))
+    bad = {k: (table.row(-1, FIXED)[k], fixed[k]) for k in fixed if table.row(-1, FIXED)[k] != fixed[k]}
+    if bad:
+        raise ProfilingError(f"{where}: the fixed part (embeddings, head) differs: {bad} (table, this "
+                             "parent): another parent or vocabulary; profile_costs_from='' to measure")
+    samples_path = path.parent / "samples.json"
+    subs = json.loads(samples_path.read_text()).get("sub_blocks", {}) if samples_path.is_file() else {}
+    return table, sc, subs, {"path": str(path), "sha256": file_sha256(path)}
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -1195,8 +1285,11 @@ def run(cfg: RunConfig, progress: bool = True) -> ProfilingResult:
     statistic, clock = cfg.profile_statistic, cfg.profile_clock
     model = parent_res.load_model(dtype=getattr(torch, cfg.dtype)).to(device).eval()
     scenarios = scenarios_from_config(cfg, model.config.max_position_embeddings)
+    # An imported table is checked here too, before the stage folder exists.
+    imported = (import_costs(model, scenarios, cfg.profile_costs_from, statistic)
+                if cfg.profile_costs_from else None)
     with measurement_threads(cfg):
-        return _run_stage(cfg, rd, model, scenarios, device, statistic, clock, progress)
+        return _run_stage(cfg, rd, model, scenarios, device, statistic, clock, progress, imported)
 
 
 @contextmanager
@@ -1214,15 +1307,20 @@ def measurement_threads(cfg: RunConfig) -> Iterator[int]:
 
 
 def _run_stage(cfg: RunConfig, rd: RunDir, model: PuzzleForCausalLM, scenarios: list[Scenario],
-               device: torch.device, statistic: str, clock: str, progress: bool
-               ) -> ProfilingResult:
+               device: torch.device, statistic: str, clock: str, progress: bool,
+               imported: tuple | None = None) -> ProfilingResult:
     torch.manual_seed(cfg.seed)
     with rd.stage(STAGE) as st:
         load_before = _load_average()
         t0 = time.perf_counter()
         sub_samples: dict[str, list[float]] = {}
-        table = profile_model(model, scenarios, cfg.profile_warmup, cfg.profile_repeats, cfg.seed,
-                              progress, sub_samples, statistic, clock)
+        source: dict | None = None
+        if imported is None:
+            table = profile_model(model, scenarios, cfg.profile_warmup, cfg.profile_repeats,
+                                  cfg.seed, progress, sub_samples, statistic, clock)
+        else:  # the earlier run's table and samples; only the additivity check is measured here
+            table, _, subs, source = imported
+            sub_samples.update(subs)
         t_table = time.perf_counter() - t0
         children = random_children(model.config, cfg.profile_num_random_children, cfg.seed)
         child_samples: dict[str, list[float]] = {}
@@ -1231,6 +1329,7 @@ def _run_stage(cfg: RunConfig, rd: RunDir, model: PuzzleForCausalLM, scenarios: 
                                         statistic, clock)
         summary = summarize_additivity(rows)
         dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        load_after = _load_average()
         sc = {**table.meta, "device_name": dev_name,
               "scenarios": [{"batch": s.batch, "prompt_len": s.prompt_len, "gen_len": s.gen_len}
                             for s in scenarios],
@@ -1242,8 +1341,14 @@ def _run_stage(cfg: RunConfig, rd: RunDir, model: PuzzleForCausalLM, scenarios: 
                          "= p10/p90; torch.inference_mode; decode sub-blocks rotate through "
                          "copies so their weights are reused at the parent's distance"),
               "fixed_part": "all-no-op child minus the isolated no-op sub-block times",
-              "load_average_before": load_before, "load_average_after": _load_average(),
+              "load_average_before": load_before, "load_average_after": load_after,
               "cpu_count": _cpu_count()}
+        if source is not None:
+            # The table's own record (device, threads, load while measuring) is the earlier run's;
+            # what was measured here is the additivity check only.
+            sc = {**imported[1], "imported_from": source,
+                  "additivity_measured_on": {k: sc[k] for k in (
+                      "device_name", "load_average_before", "load_average_after", "cpu_count")}}
         table.to_csv(st.path("costs.csv"))
         rows_to_csv(rows, st.path("additivity.csv"))
         atomic_write_json(st.path("scenarios.json"), sc)
@@ -1256,7 +1361,7 @@ def _run_stage(cfg: RunConfig, rd: RunDir, model: PuzzleForCausalLM, scenarios: 
             "statistic": statistic, "clock": clock, "device": str(device),
             "device_name": dev_name,
             "dtype": cfg.dtype, "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before, "load_average_after": sc["load_average_after"],
+            "load_average_before": load_before, "load_average_after": load_after,
             "n_variants_per_layer": {k: len(table.variants(0, k)) for k in SUB_BLOCKS},
             "n_layers_timed": len(table.meta["representative_layers"]),
             "parent_pred_prefill_ms": per_b("pred_prefill_ms"),
@@ -1267,6 +1372,8 @@ def _run_stage(cfg: RunConfig, rd: RunDir, model: PuzzleForCausalLM, scenarios: 
                 table.parent_choices(), s.batch)["tokens_per_s"], 1) for s in scenarios},
             "table_seconds": round(t_table, 1),
             "additivity_seconds": round(time.perf_counter() - t0 - t_table, 1),
+            "costs_imported_from": source["path"] if source else None,
+            "costs_sha256": source["sha256"] if source else None,
         }
         atomic_write_json(st.path("metrics.json"), metrics)
         st.metrics.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})

@@ -79,6 +79,21 @@ _DETERMINISM_NOTE = (
     "of it at a speed cost. Measured timings are never reproducible; compare ratios."
 )
 
+# What makes two runs with the same seed and config differ, listed in environment.json so a
+# reader knows which of them held for the numbers in front of them.
+BIT_IDENTITY_BREAKERS = (
+    ("a measured cost table: timings differ on every run and can change the children the search "
+     "and the baselines pick (import one with profile_costs_from to share it)"),
+    ("GPU kernels: cuBLAS/cuDNN choose algorithms per shape and device, and some ops use atomics, "
+     "unless torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8 are set"),
+    "bf16 autocast / TF32 on other hardware: reductions round differently",
+    ("another torch, MKL/oneDNN or BLAS version, or another thread count (threads): the order of "
+     "floating-point sums changes"),
+    "another Python version with corpus='stdlib': the corpus is that Python's standard library",
+    "NCCL all-reduce order with more than one GPU (torchrun)",
+    "a different seed, or a config field tagged with a stage (see show-config)",
+)
+
 
 class StageNotReady(RuntimeError):
     """An upstream stage is missing, running, failed, stale or has a damaged artifact."""
@@ -252,6 +267,7 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no") if commit else None
     env["git_dirty"] = None if dirty is None else bool(dirty)
     env["determinism"] = _DETERMINISM_NOTE
+    env["breaks_bit_identity"] = list(BIT_IDENTITY_BREAKERS)
     return env
 
 

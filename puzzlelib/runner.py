@@ -18,7 +18,9 @@ dirs under <repo>/.cache (each only when not already set, so `HF_HUB_OFFLINE=0 p
 process, is how the environment reaches the kernel without mutating this process's os.environ.
 
 Reads: notebooks/*.ipynb, runs/<run_name>/ (for `status` and the upstream pre-check).
-Writes: reports/<run_name>/ only; the notebooks themselves write runs/<run_name>/.
+Writes: reports/<run_name>/ only, and holds runs/<run_name>/.locks/pipeline.lock while it runs (a
+second runner on the same run name is refused instead of overwriting the reports; the stage locks
+of rundir.py guard the artifacts); the notebooks themselves write runs/<run_name>/.
 Leaves out: every algorithm. This is a thin layer over config.py and rundir.py, on purpose: it
 must run (and fail clearly) without torch or any stage module.
 """
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock, Timeout
+
 from .config import PRESETS, ConfigError, RunConfig, parse_set_args
 from .rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text
 
@@ -46,6 +50,14 @@ _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 class UsageError(ValueError):
     """Bad command-line input other than the config itself (stages, missing notebooks, ...)."""
+
+
+class RunLocked(RuntimeError):
+    """Another process is running the pipeline for the same run name (exit code 3)."""
+
+
+# Next to the stage locks of rundir.py, not in reports/ (which is committed for the default run).
+PIPELINE_LOCK = Path(".locks") / "pipeline.lock"
 
 
 @dataclass
@@ -143,6 +155,48 @@ def _check_corpus(cfg: RunConfig, repo_root: Path) -> None:
         if not path.exists():
             raise ConfigError(f"corpus {cfg.corpus!r} does not exist (looked for {path}; relative "
                               "paths are resolved against the repo root, where notebooks run)")
+        if path.is_file() and path.stat().st_size == 0:
+            raise ConfigError(f"corpus {cfg.corpus!r} is an empty file ({path}): point corpus at "
+                              "a .txt/.jsonl file or folder with text, or use corpus=stdlib")
+
+
+def _check_parent(cfg: RunConfig, repo_root: Path) -> None:
+    """A local parent directory is checked here (files, architecture, positions, pickle-only
+    weights) so a bad one fails before anything is written; a hub id is left to stage 00."""
+    if cfg.parent == "embedded":
+        return
+    path = _resolve(repo_root, os.path.expanduser(cfg.parent))
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
+    path_like = cfg.parent.startswith(("/", ".", "~")) or cfg.parent.count("/") > 1
+    if not path.exists():
+        if path_like:
+            raise ConfigError(f"parent {cfg.parent!r}: no such directory ({path}); set parent to a "
+                              "local Hugging Face model folder, a hub id or 'embedded'")
+        return
+    from .model import ParentError, check_parent_dir  # imports torch: only for local parents
+
+    try:
+        check_parent_dir(path, cfg.seq_len)
+    except ParentError as e:
+        raise ConfigError(f"parent {cfg.parent!r}: {e}") from None
+
+
+def _check_writable(name: str, value: str, repo_root: Path) -> None:
+    """runs_root / reports_root must be (or be creatable in) a writable folder. Probed with a
+    nameless temp file in the nearest existing folder, so the check itself leaves nothing."""
+    path = _resolve(repo_root, value)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{name} {value!r}: {probe} is a file, not a folder; set {name} to a "
+                          "folder path (it is created if missing)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{name} {value!r}: cannot write in {probe} ({e.strerror or e}); set "
+                          f"{name} to a writable folder") from None
 
 
 def _check_upstream(cfg: RunConfig, repo_root: Path, will_run: list[str]) -> None:
@@ -176,14 +230,20 @@ def run_pipeline(
     echo: Callable[[str], None] = lambda s: print(s, flush=True),
 ) -> PipelineResult:
     """Validate, then run the selected notebooks in order. Raises ConfigError / UsageError for bad
-    input (nothing has been written then); returns exit_code 0 (all ok) or 1 (a notebook failed)."""
+    input (nothing has been written then) and RunLocked when another process is running the same
+    run name; returns exit_code 0 (all ok) or 1 (a notebook failed)."""
     overrides = dict(overrides or {})
     if force:
         overrides["force"] = True
     cfg = RunConfig.from_preset(preset, overrides, run_name)  # raises ConfigError
+    if cfg.trust_remote_code and cfg.parent != "embedded":  # said first, whatever fails next
+        echo(f"puzzlelib: WARNING: trust_remote_code=true: Python files shipped with parent "
+             f"{cfg.parent!r} will run with your permissions; use it only for sources you trust")
     selected = parse_stages(stages)  # raises UsageError
     repo_root = Path(repo_root or default_repo_root()).resolve()
     _check_corpus(cfg, repo_root)
+    for name in ("runs_root", "reports_root"):
+        _check_writable(name, getattr(cfg, name), repo_root)
     nb_dir = Path(notebooks_dir).resolve() if notebooks_dir else repo_root / "notebooks"
     found = [(s, nb_dir / Path(NOTEBOOKS[s]).name) for s in selected]
     missing = [s for s, p in found if not p.is_file()]
@@ -191,9 +251,33 @@ def run_pipeline(
     if not todo:
         raise UsageError(f"no notebook to run: none of {', '.join(selected)} exists in {nb_dir}")
     _check_upstream(cfg, repo_root, [s for s, _ in todo])
+    if "00_parent" in selected:
+        _check_parent(cfg, repo_root)
 
     report_dir = _resolve(repo_root, cfg.reports_root) / cfg.run_name
     report_dir.mkdir(parents=True, exist_ok=True)
+    # One runner per run name: a second one would overwrite the executed notebooks and
+    # pipeline.json under the first one's feet (the stage locks already guard runs/<run>/). The
+    # OS drops the lock when its holder dies, even by SIGKILL, so a killed run never blocks a rerun.
+    lock_path = _resolve(repo_root, cfg.runs_root) / cfg.run_name / PIPELINE_LOCK
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunLocked(f"another process is running the pipeline for run {cfg.run_name!r} "
+                        f"(lock file {lock_path}); wait for it to finish or use another "
+                        "--run-name") from None
+    try:
+        return _run_locked(cfg, preset, overrides, todo, missing, report_dir, repo_root, log_output,
+                           kernel_name, echo)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: list, missing: list,
+                report_dir: Path, repo_root: Path, log_output: bool, kernel_name: str,
+                echo: Callable[[str], None]) -> PipelineResult:
     env = kernel_env(repo_root)
     for k in ("HF_HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
         Path(env[k]).mkdir(parents=True, exist_ok=True)
@@ -268,6 +352,9 @@ def _format_failure(r: StageResult, i: int, n: int) -> str:
         where = f" in cell #{err['cell_index']} (In [{err.get('exec_count')}])"
     lines = [f"[{i}/{n}] {r.stage}: FAILED after {r.seconds:.1f} s{where}",
              f"  {err.get('ename', 'Error')}: {err.get('evalue', '')}"]
+    if re.search(r"No space left|File too large|Disk quota|Errno (28|27|122)\b", str(err.get("evalue"))):
+        lines.append("  hint: the disk looks full: free disk space, or set runs_root / reports_root "
+                     "to a folder on a disk with room")
     tb = [ln for ln in err.get("traceback", []) if ln.strip()][-15:]
     if tb:
         lines.append("  traceback (last lines):")
@@ -357,7 +444,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Exit codes: 0 ok, 1 a notebook failed, 2 bad input, 130 interrupted."""
+    """CLI entry point. Exit codes: 0 ok, 1 a notebook failed, 2 bad input, 3 another process is
+    running this run name, 130 interrupted."""
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "show-config":
@@ -374,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"puzzlelib: error: {e}", file=sys.stderr)
         return 2
+    except RunLocked as e:
+        print(f"puzzlelib: refused: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("puzzlelib: interrupted", file=sys.stderr)
         return 130

@@ -52,3 +52,29 @@ def tiny_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     hf.save_pretrained(out)
     return hf
+
+
+class SmokeRun:
+    """Where the shared smoke pipeline wrote: ``runs/<name>/`` and ``reports/<name>/`` under ``root``."""
+
+    def __init__(self, root, name, overrides, seconds):
+        self.root, self.name, self.overrides, self.seconds = root, name, overrides, seconds
+        self.run_dir = root / "runs" / name
+        self.report_dir = root / "reports" / name
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """ONE uninterrupted run of every notebook on the `smoke` preset (~2-3 min on 2 cores), shared by
+    the slow tests (pipeline + reuse, determinism, fault injection, student copies) so CI pays for it
+    once. Treat it as read-only: copy it (shutil.copytree) before writing into it."""
+    import time
+
+    from puzzlelib.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("smoke")
+    over = {"runs_root": str(root / "runs"), "reports_root": str(root / "reports")}
+    t0 = time.perf_counter()
+    res = run_pipeline("smoke", run_name="smoke", overrides=over, echo=lambda *a, **k: None)
+    assert res.exit_code == 0, res
+    return SmokeRun(root, "smoke", over, time.perf_counter() - t0)

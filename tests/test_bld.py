@@ -216,7 +216,7 @@ def test_bad_inputs_against_the_parent_leave_nothing(reference, tmp_path):
     cfg, parent, res, ref_state = reference
     # The parent alone decides these: 3 KV heads do not divide 4 query heads; only the parent's
     # own sub-blocks selected (kv2 is the parent's, fraction 1.0 too).
-    for kw, match in ((dict(bld_kv_heads="3"), "must divide"),
+    for kw, match in ((dict(bld_kv_heads="3", parent="hf-org/parent"), "must divide"),
                       (dict(bld_kv_heads="2", bld_ffn_fractions="1.0", bld_include_linear=False,
                             bld_include_noop=False, bld_coupled_pairs=""), "variant list is empty")):
         bad = make_config(tmp_path, **kw)

@@ -134,6 +134,52 @@ def _own_loglik(model, tok, context: str, cont: str, max_length: int) -> float:
     return sum(lp[n - len(cont_ids) + j, t].item() for j, t in enumerate(cont_ids))
 
 
+def _report_metrics(run_dir: Path, quality: float, speed: float) -> dict:
+    """A stage-06 metrics dict shaped like summarize()'s, with ``speed`` in every measured field."""
+    def row(name: str, src: str) -> dict:
+        return {"name": name, "method": "mip" if name != "parent" else "parent", "gkd": True,
+                "source": src, "accuracy": {"t": quality}, "retention": quality,
+                "predicted_speedup": 2.0, "measured_speedup": speed,
+                "measured": {"best": {"speedup": speed, "tokens_per_s": 100 * speed}},
+                "speedup_error": speed / 2.0 - 1, "eval_seconds": speed,
+                "search": {"batch": 4, "predicted": {"speedup": 2.0}, "measured": {"speedup": speed}}}
+
+    return {"run_name": "r", "preset": "smoke", "device": "cpu", "threads": 1,
+            "models": [row("parent", str(run_dir / "00_parent" / "model")),
+                       row("puzzle-1", str(run_dir / "05_gkd" / "children" / "puzzle-1")),
+                       row("puzzle-1 (before GKD)", "BLD library")],
+            "headline": {"model": "puzzle-1", "measured_speedup": speed, "predicted_speedup": 2.0,
+                         "retention": quality, "goal_met": speed >= 2,
+                         "baselines": {"depth": {"retention": 0.5, "measured_speedup": speed}}},
+            "pareto": [{"target_speedup": 2, "speedup": 2.1, "seconds": speed}],
+            "timing": {"quality_seconds": speed}, "settings": {"bootstrap": 10}}
+
+
+def test_report_split_keeps_timings_out_of_metrics_and_merges_back(tmp_path, capsys):
+    """Two runs that differ only in wall-clock measurements (and where their run folder lives)
+    write the same metrics.json; metrics + timings give back what stage 06 returned."""
+    a, b = _report_metrics(tmp_path / "a", 0.9, 1.7), _report_metrics(tmp_path / "b", 0.9, 2.3)
+    (da, ta), (db, tb) = E.split_report(a, tmp_path / "a"), E.split_report(b, tmp_path / "b")
+    assert json.dumps(da) == json.dumps(db) and ta != tb
+    assert [m["source"] for m in da["models"]] == ["00_parent/model", "05_gkd/children/puzzle-1", "BLD library"]
+    assert "1.7" not in json.dumps(da) and "measured" not in json.dumps(da)
+    merged = E.merge_report(da, ta)
+    assert merged == {**a, "models": [{**m, "source": d["source"]} for m, d in zip(a["models"], da["models"])]}
+    # Files: the split layout merges; the single-file layout of older reports reads as it is.
+    d = tmp_path / "report"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(da))
+    with pytest.raises(E.EvaluationError, match="timings.json is missing"):
+        E.read_report(d / "metrics.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{E.MARKERS[0]}\n{E.MARKERS[1]}\n")
+    assert not E.update_readme_results(readme, d / "metrics.json") and "timings.json" in capsys.readouterr().out
+    (d / "timings.json").write_text(json.dumps(ta))
+    assert E.read_report(d / "metrics.json")["headline"]["measured_speedup"] == 1.7
+    (d / "metrics.json").write_text(json.dumps(a))
+    assert E.read_report(d / "metrics.json") == a
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # Tiny models on a shared 2-core machine: a second intra-op thread only adds waiting.

@@ -338,3 +338,37 @@ def test_stage_writes_reuses_and_refuses(tmp_path):
         with pytest.raises(P.ProfilingError, match=needle):
             P.run(cfg.replace(**bad), progress=False)
         assert (res.dir / "costs.csv").read_bytes() == before  # nothing overwritten
+
+
+def test_an_imported_cost_table_is_checked_then_used_as_measured(tmp_path):
+    """profile_costs_from: the earlier table, byte for byte, with its provenance in the stage's
+    metrics; a table for other scenarios, another parent or a missing one is refused, naming the
+    field to change, before the stage folder is touched."""
+    import shutil
+
+    cfg = RunConfig.from_preset("smoke", {**TINY, "runs_root": str(tmp_path / "runs")}, run_name="p")
+    parent_stage.run(cfg)
+    measured = P.run(cfg, progress=False)
+    src = tmp_path / "shared" / "01_profiling"
+    shutil.copytree(measured.dir, src)
+    imp = P.run(cfg.replace(profile_costs_from=str(tmp_path / "shared")), progress=False)
+    assert not imp.reused
+    assert (imp.dir / "costs.csv").read_bytes() == (src / "costs.csv").read_bytes()
+    assert imp.metrics["costs_imported_from"] == str(src / "costs.csv")
+    assert imp.metrics["costs_sha256"] == P.file_sha256(src / "costs.csv")
+    assert imp.scenarios["imported_from"]["path"] == str(src / "costs.csv")
+    assert imp.samples["sub_blocks"] == measured.samples["sub_blocks"]  # restate still works
+    assert len(imp.additivity) == len(measured.additivity)  # measured here, against the import
+    P.restate(imp.costs, imp.additivity, imp.samples, imp.samples["memory"], "p10")
+    before = (imp.dir / "costs.csv").read_bytes()
+    damaged = tmp_path / "other" / "costs.csv"
+    damaged.parent.mkdir()
+    shutil.copy(src / "scenarios.json", damaged.parent)
+    damaged.write_text((src / "costs.csv").read_text().replace(",attn:kv1,gqa,1,0,0,False,", ",attn:kv1,gqa,1,0,0,False,1"))
+    for over, needle in (({"profile_costs_from": str(tmp_path / "nowhere")}, "no costs.csv"),
+                         ({"profile_costs_from": str(src), "profile_batch_sizes": "1"}, "profile_batch_sizes"),
+                         ({"profile_costs_from": str(src), "profile_statistic": "p10"}, "profile_statistic='median'"),
+                         ({"profile_costs_from": str(damaged)}, r"attn:kv1 has params=1\d+ \(this parent")):
+        with pytest.raises(P.ProfilingError, match=needle):
+            P.run(cfg.replace(**over), progress=False)
+        assert (imp.dir / "costs.csv").read_bytes() == before  # nothing overwritten

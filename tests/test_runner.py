@@ -161,6 +161,23 @@ def test_failing_notebook_stops_the_run(repo, capfd):
     assert [s["status"] for s in summary["stages"] if s["status"] != "skipped"] == ["ok", "error"]
 
 
+def test_a_second_runner_on_the_same_run_name_is_refused(repo, capfd):
+    """While another process holds the run's pipeline lock, `run` exits 3 naming the lock and
+    executes nothing; once it is released (as the OS does when its holder dies) the run goes on."""
+    from filelock import FileLock
+
+    write_nb(repo / "notebooks" / "00_parent.ipynb", "print('ran')")
+    argv = ["run", "--preset", "smoke", "--run-name", "busy", "--stages", "00", "--repo-root", str(repo)]
+    lock = FileLock(repo / "runs" / "busy" / ".locks" / "pipeline.lock", timeout=0)
+    with lock:
+        assert main(argv) == 3
+        err = capfd.readouterr().err
+        assert "another process is running the pipeline for run 'busy'" in err and "--run-name" in err
+        assert not (repo / "reports" / "busy" / "00_parent.ipynb").exists()
+    assert main(argv) == 0
+    assert (repo / "reports" / "busy" / "00_parent.ipynb").is_file()
+
+
 def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "puzzlelib", "run", "--preset", "nope",
                         "--repo-root", str(tmp_path)], capture_output=True, text=True)

@@ -1,0 +1,289 @@
+"""Reliability of whole runs (issue #10): determinism, SIGKILL at any point, concurrent runs.
+
+Each test drives the real command line (``python -m puzzlelib run``) or ``run_pipeline`` on the
+`smoke` preset and compares against the shared uninterrupted run U (the ``smoke_run`` fixture).
+A second run can only reproduce U's children if it uses U's *cost table*: the table is a timing
+measurement, and another measurement can make the search pick another child. So every run here
+imports U's table (``profile_costs_from``); U itself measured it. Nothing in
+``reports/<run>/metrics.json`` says where the costs came from (that is in stage 01's manifest and
+metrics and in ``reports/<run>/environment.json``), so U and an importing run must match byte for
+byte. Weights are compared as tensors: safetensors files with more than one metadata key differ in
+bytes between two identical saves (the writer orders metadata keys at random).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _overrides(root: Path, costs_from: Path | None = None) -> dict:
+    over = {"runs_root": str(root / "runs"), "reports_root": str(root / "reports")}
+    if costs_from is not None:
+        over["profile_costs_from"] = str(costs_from)
+    return over
+
+
+def _cli(args: list[str], over: dict, run_name: str = "smoke") -> list[str]:
+    sets = [f"{k}={v}" for k, v in over.items()]
+    return [sys.executable, "-m", "puzzlelib", *args, "--preset", "smoke", "--run-name", run_name,
+            "--set", *sets]
+
+
+def _start(args: list[str], over: dict, log: Path, run_name: str = "smoke") -> subprocess.Popen:
+    """The pipeline in its own process group, output to ``log`` (read back on failure)."""
+    with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(_cli(args, over, run_name), cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tail(log: Path, n: int = 3000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+
+def _kill_pipeline(proc: subprocess.Popen) -> None:
+    """SIGKILL the runner, its notebook process and the Jupyter kernel. The kernel runs in a
+    session of its own (jupyter_client starts it so), so killing the runner's process group
+    alone would leave it training; it is found as a descendant first."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(timeout=30)
+
+
+def _wait_until(proc: subprocess.Popen, cond, what: str, log: Path, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"the pipeline exited (rc {proc.returncode}) before {what}:\n{_tail(log)}")
+        if time.monotonic() - t0 > timeout:
+            _kill_pipeline(proc)
+            pytest.fail(f"no sign of {what} after {timeout} s:\n{_tail(log)}")
+        time.sleep(0.05)
+
+
+def _status(run_dir: Path, stage: str) -> str | None:
+    try:
+        return json.loads((run_dir / stage / "manifest.json").read_text()).get("status")
+    except (OSError, ValueError):  # not written yet
+        return None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _assert_same_weights(a: Path, b: Path, pattern: str) -> int:
+    """Every ``pattern`` safetensors file under run dir ``a`` has equal tensors under ``b``."""
+    files = sorted(p.relative_to(a) for p in a.glob(pattern))
+    assert files, f"no {pattern} under {a}"
+    assert files == sorted(p.relative_to(b) for p in b.glob(pattern))
+    for rel in files:
+        ta, tb = _tensors(a / rel), _tensors(b / rel)
+        assert ta.keys() == tb.keys(), rel
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{rel}: tensor {k} differs"
+    return len(files)
+
+
+def _assert_same_results(u_root: Path, other_root: Path) -> None:
+    """Same report metrics (bytes) and the same trained weights as run U."""
+    u_report, o_report = u_root / "reports" / "smoke", other_root / "reports" / "smoke"
+    assert (o_report / "metrics.json").read_bytes() == (u_report / "metrics.json").read_bytes()
+    u_run, o_run = u_root / "runs" / "smoke", other_root / "runs" / "smoke"
+    _assert_same_weights(u_run, o_run, "00_parent/model/model.safetensors")
+    assert _assert_same_weights(u_run, o_run, "02_bld/library/blocks/*/*.safetensors") >= 40
+    assert _assert_same_weights(u_run, o_run, "05_gkd/children/*/model.safetensors") >= 3
+
+
+def _first_bar_start(notebook: Path, desc: str) -> int:
+    """The step the first ``desc`` progress bar of an executed notebook started at: > 0 when the
+    training resumed from a checkpoint instead of starting over."""
+    m = re.search(rf"{desc}[^:]*: +\d+%\|[^|]*\| (\d+)/\d+", notebook.read_text())
+    assert m, f"no {desc!r} progress bar in {notebook}"
+    return int(m.group(1))
+
+
+def _refused_downstream(over: dict, stage: str, killed: str, log: Path) -> None:
+    """A later stage does not start on the killed stage's leftovers: the runner exits 2 naming it."""
+    r = subprocess.run(_cli(["run", "--stages", stage], over), cwd=REPO, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2, (r.stdout, r.stderr, _tail(log))
+    assert killed in r.stderr and "interrupted" in r.stderr and "--stages" in r.stderr, r.stderr
+
+
+def _check_interrupted(root: Path, over: dict, stage: str, later: str, log: Path) -> None:
+    from puzzlelib.config import RunConfig
+    from puzzlelib.rundir import RunDir, StageNotReady
+
+    run_dir = root / "runs" / "smoke"
+    assert _status(run_dir, stage) == "running"  # killed inside the stage, not between two
+    rd = RunDir(RunConfig.from_preset("smoke", over, "smoke"), create=False)
+    assert rd.state(stage)[0] == "interrupted"
+    with pytest.raises(StageNotReady, match=rf"{stage}.*interrupted.*notebooks/{stage}\.ipynb"):
+        rd.require(stage)
+    st = subprocess.run([sys.executable, "-m", "puzzlelib", "status", "--run-name", "smoke",
+                         "--runs-root", str(root / "runs")], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+    line = next(ln for ln in st.stdout.splitlines() if ln.strip().startswith(stage))
+    assert st.returncode == 0 and "interrupted" in line and "run the stage again" in line, st.stdout
+    _refused_downstream(over, later, stage, log)
+
+
+# ---- determinism --------------------------------------------------------------------------------
+def test_rerun_with_the_same_cost_table_is_bit_identical(smoke_run, tmp_path):
+    """U (the shared run, measured costs) vs V (a fresh root, the same run name, U's cost table
+    imported): reports/smoke/metrics.json byte-identical, every trained tensor equal. The
+    wall-clock numbers that differ go to timings.json; environment.json says what would break
+    bit-identity elsewhere (GPU kernels, other versions, thread counts)."""
+    from puzzlelib.runner import run_pipeline
+
+    u = smoke_run.root
+    over = _overrides(tmp_path, smoke_run.run_dir / "01_profiling")
+    res = run_pipeline("smoke", run_name="smoke", overrides=over, echo=lambda *a, **k: None)
+    assert res.exit_code == 0, res
+    v_run = tmp_path / "runs" / "smoke"
+    # Imported as it was measured: the same table, its provenance in stage 01's metrics only.
+    assert (v_run / "01_profiling" / "costs.csv").read_bytes() == \
+        (smoke_run.run_dir / "01_profiling" / "costs.csv").read_bytes()
+    m01 = json.loads((v_run / "01_profiling" / "metrics.json").read_text())
+    assert m01["costs_imported_from"] == str(smoke_run.run_dir / "01_profiling" / "costs.csv")
+    _assert_same_results(u, tmp_path)
+    # The split: what differs between two runs is out of metrics.json and in timings.json.
+    report = tmp_path / "reports" / "smoke"
+    metrics = json.loads((report / "metrics.json").read_text())
+    timings = json.loads((report / "timings.json").read_text())
+    assert "timing" not in metrics and "measured_speedup" not in metrics["models"][0]
+    assert not any(str(m["source"]).startswith("/") for m in metrics["models"])
+    assert timings["models"]["parent"]["measured_speedup"] == 1.0 and timings["timing"]["quality_seconds"] > 0
+    env = json.loads((report / "environment.json").read_text())
+    assert env["cost_table"]["imported_from"] == over["profile_costs_from"]
+    assert any("GPU" in b for b in env["breaks_bit_identity"]) and env["corpus"]["fingerprint"]
+
+
+# ---- fault injection ----------------------------------------------------------------------------
+def test_sigkill_inside_parent_bld_and_gkd_then_rerun_equals_an_uninterrupted_run(smoke_run, tmp_path):
+    """K: the smoke pipeline from the command line, SIGKILLed (runner, notebook process and
+    kernel) inside parent training after a resumable checkpoint, inside BLD with some blocks
+    written, and inside GKD with one child exported and another mid-training. After each kill
+    the stage reads "interrupted" (status, ``require``) and a later stage refuses to start; the
+    reruns resume, and the end result equals U's bit for bit."""
+    over = _overrides(tmp_path, smoke_run.run_dir / "01_profiling")
+    run_dir, log = tmp_path / "runs" / "smoke", tmp_path / "pipeline.log"
+    n_blocks = len(list((smoke_run.run_dir / "02_bld" / "library" / "blocks").glob("*/*.json")))
+
+    # 1. Parent training, once a resumable train state exists (it is written atomically).
+    proc = _start(["run"], over, log)
+    state = run_dir / "00_parent" / "train_state"
+    _wait_until(proc, lambda: _status(run_dir, "00_parent") == "running" and state.is_dir()
+                and any(state.iterdir()), "a parent train-state checkpoint", log)
+    _kill_pipeline(proc)
+    assert not (run_dir / "00_parent" / "model").exists()
+    _check_interrupted(tmp_path, over, "00_parent", "01", log)
+
+    # 2. BLD, with some but not all blocks in the library (each block is written atomically).
+    def blocks() -> int:
+        return len(list((run_dir / "02_bld" / "library" / "blocks").glob("*/*.json")))
+
+    proc = _start(["run"], over, log)
+    _wait_until(proc, lambda: _status(run_dir, "02_bld") == "running" and blocks() >= 8,
+                "BLD blocks being written", log)
+    _kill_pipeline(proc)
+    kept = blocks()
+    assert _status(run_dir, "00_parent") == "done" and 8 <= kept < n_blocks
+    reports = tmp_path / "reports" / "smoke"
+    assert _first_bar_start(reports / "00_parent.ipynb", "parent training") > 0  # it resumed
+    _check_interrupted(tmp_path, over, "02_bld", "03", log)
+
+    # 3. GKD, with one child exported and another one's checkpoint on disk.
+    gkd = run_dir / "05_gkd"
+
+    def gkd_midway() -> bool:
+        # A checkpoint of a child not yet exported (an exported child's state is removed just
+        # after its export, so a state alone could belong to a finished child).
+        states = gkd / "train_state"
+        exported = {p.parent.name for p in gkd.glob("children/*/gkd.json")}
+        midway = states.is_dir() and any(
+            p.is_dir() and not p.name.startswith(".") and p.name not in exported and any(p.iterdir())
+            for p in states.iterdir())
+        return _status(run_dir, "05_gkd") == "running" and bool(exported) and midway
+
+    proc = _start(["run", "--stages", "02-06"], over, log)
+    _wait_until(proc, gkd_midway, "GKD between two checkpoints", log)
+    _kill_pipeline(proc)
+    assert f"resuming: {kept} of {n_blocks} blocks already" in (reports / "02_bld.ipynb").read_text()
+    _check_interrupted(tmp_path, over, "05_gkd", "06", log)
+
+    # 4. Finish: the killed stage resumes, the rest runs; the result is U's.
+    proc = _start(["run", "--stages", "05-06"], over, log)
+    assert proc.wait(timeout=900) == 0, _tail(log)
+    assert _first_bar_start(reports / "05_gkd.ipynb", "GKD ") > 0  # the first child left was resumed
+    _assert_same_results(smoke_run.root, tmp_path)
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+# Stage 00 alone with a short training (64 steps): seconds, but long enough to overlap.
+_SHORT = {"parent_train_tokens": 131_072}
+
+
+def test_same_run_name_is_refused_and_different_names_run_in_parallel(tmp_path):
+    """(b) While one process runs stage 00 of run "same", a second runner on that name exits 3
+    with the lock message and a second writer of the stage gets StageLocked; the first one
+    finishes with intact artifacts. (a) Runs "c1" and "c2" in parallel both finish, with the same
+    parent weights as the first (sequential) run."""
+    from puzzlelib.config import RunConfig
+    from puzzlelib.rundir import RunDir, StageLocked
+
+    over = {**_overrides(tmp_path), **_SHORT}
+    log = tmp_path / "same.log"
+    first = _start(["run", "--stages", "00"], over, log, run_name="same")
+    same = tmp_path / "runs" / "same"
+    _wait_until(first, lambda: _status(same, "00_parent") == "running", "stage 00 running", log)
+    cfg = RunConfig.from_preset("smoke", over, "same")
+    locked = r"another process is running stage 00_parent of run 'same'"
+    with pytest.raises(StageLocked, match=locked), RunDir(cfg).stage("00_parent"):
+        pass
+    second = subprocess.run(_cli(["run", "--stages", "00"], over, "same"), cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 3, (second.stdout, second.stderr)
+    assert "another process is running the pipeline for run 'same'" in second.stderr
+    assert first.poll() is None, "the first run ended before the second was refused: nothing was tested"
+    assert first.wait(timeout=600) == 0, _tail(log)
+    rd = RunDir(cfg, create=False)
+    assert rd.is_fresh("00_parent") and rd.verify("00_parent") == []
+    nb = json.loads((tmp_path / "reports" / "same" / "00_parent.ipynb").read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+    logs = {n: tmp_path / f"{n}.log" for n in ("c1", "c2")}
+    procs = {n: _start(["run", "--stages", "00"], over, logs[n], run_name=n) for n in logs}
+    for n, p in procs.items():
+        assert p.wait(timeout=600) == 0, _tail(logs[n])
+    for n in procs:
+        _assert_same_weights(same, tmp_path / "runs" / n, "00_parent/model/model.safetensors")
+        assert RunDir(RunConfig.from_preset("smoke", over, n), create=False).verify("00_parent") == []
