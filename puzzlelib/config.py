@@ -73,7 +73,7 @@ class RunConfig:
     # ---- run: names, paths, machine knobs; never part of a cache key ------------------------
     run_name: str = _f("default", "run")  # folder under runs_root/ and reports_root/ (safe name)
     preset: str = _f("default", "run")  # preset the values started from (recorded, not re-applied)
-    runs_root: str = _f("runs", "run")  # where run dirs live; relative = to the cwd (repo root)
+    runs_root: str = _f("runs", "run")  # where run dirs live; relative = to the project folder (the one holding notebooks/)
     reports_root: str = _f("reports", "run")  # where the runner writes executed notebooks + html
     threads: int = _f(0, "01_profiling")  # torch intra-op threads; 0 = torch default. Tagged 01: wall-clock timings depend on it
     force: bool = _f(False, "run")  # recompute stages even when their cached artifacts are fresh
@@ -387,6 +387,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- command-line values ------------------------------------------------------------------------
+def project_root(cwd: Path | None = None) -> Path:
+    """The folder that relative paths in a config (``runs_root``, ``reports_root``, a local corpus or
+    parent, ``profile_costs_from``) are relative to: the project folder holding ``notebooks/``.
+    JupyterLab starts a notebook's kernel in the notebook's own folder, so from ``notebooks/`` or
+    ``student/`` that is the folder above; anywhere else it is the current directory."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if (cwd / "notebooks").is_dir():
+        return cwd
+    if cwd.name in ("notebooks", "student") and (cwd.parent / "notebooks").is_dir():
+        return cwd.parent
+    return cwd
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` made absolute against :func:`project_root` (``~`` expanded)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
 def parse_set_args(args: list[str] | None) -> dict[str, Any]:
     """["seq_len=128", "force=yes"] -> {"seq_len": 128, "force": True}, typed per field."""
     out: dict[str, Any] = {}

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import resolve_path
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]  # ids 0, 1, 2: the trainer adds special tokens first
 MAX_FILE_BYTES = 1_000_000  # larger files are generated data (tables, dumps), not prose or code
@@ -259,7 +261,7 @@ def load_corpus(spec: str, max_bytes: int, heldout_fraction: float, seed: int) -
     elif spec.startswith("hf:"):
         entries = _read_hf(spec, max_bytes)
     else:
-        path = Path(spec).expanduser()
+        path = resolve_path(spec)
         if path.is_dir():
             kept, skipped = _read_tree(path, FOLDER_SUFFIXES, {"__pycache__"})
             entries = sorted(((r.as_posix(), t) for r, t, _ in kept),

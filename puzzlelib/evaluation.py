@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from . import tasks as T
-from .config import RunConfig
+from .config import RunConfig, resolve_path
 from .model import PuzzleCache, PuzzleForCausalLM  # importing .model registers "nemotron-nas"
 from .rundir import UPSTREAM, RunDir, atomic_write_json, atomic_write_text
 
@@ -737,7 +737,7 @@ interleaved in one process (median of per-round ratios) · retention = mean accu
 
 
 def report_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.reports_root) / cfg.run_name
+    return resolve_path(cfg.reports_root) / cfg.run_name
 
 
 REPORT_FILES = ("summary.md", "metrics.json", "timings.json", "environment.json",
@@ -838,7 +838,7 @@ def report_environment(cfg: RunConfig) -> dict:
     fingerprint stage 00 recorded, and where the cost table came from (measured or imported)."""
     from .rundir import environment_info, file_sha256
 
-    run = Path(cfg.runs_root) / cfg.run_name
+    run = resolve_path(cfg.runs_root) / cfg.run_name
     env_path = run / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else environment_info(cfg)
     corpus = run / "00_parent" / "corpus.json"
@@ -866,7 +866,7 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in REPORT_FILES}
-    det, tim = split_report(result.metrics, Path(cfg.runs_root) / cfg.run_name)
+    det, tim = split_report(result.metrics, resolve_path(cfg.runs_root) / cfg.run_name)
     atomic_write_json(paths["metrics.json"], det)
     atomic_write_json(paths["timings.json"], tim)
     atomic_write_json(paths["environment.json"], report_environment(cfg))

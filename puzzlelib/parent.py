@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import data
-from .config import RunConfig
+from .config import RunConfig, resolve_path
 from .export import load_checkpoint, save_checkpoint, tensors_to_save
 from .model import PuzzleConfig, PuzzleForCausalLM, count_params, load_parent
 from .rundir import RunDir, atomic_dir, atomic_write_json
@@ -302,17 +302,22 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
     with rd.stage(STAGE) as st:
         out = st.dir
         hf_tok = None
+        # A local parent folder is relative to the project folder (also from a kernel started in
+        # notebooks/ by JupyterLab); anything that is not a folder there is a hub id.
+        source = cfg.parent
+        if cfg.parent != "embedded" and resolve_path(cfg.parent).is_dir():
+            source = str(resolve_path(cfg.parent))
         if cfg.parent != "embedded":
             from transformers import AutoTokenizer
 
-            hf_tok = AutoTokenizer.from_pretrained(cfg.parent, trust_remote_code=cfg.trust_remote_code)
+            hf_tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         tokenizer, train, held, corpus, tok_info = prepare_data(cfg, out, hf_tok)
         t0 = time.perf_counter()
         if cfg.parent == "embedded":
             model = PuzzleForCausalLM(embedded_config(cfg, tokenizer))
             history = train_parent(model, cfg, train, held, out / "train_state", st.key, stop_after)
         else:
-            model = load_parent(cfg.parent, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+            model = load_parent(source, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
             history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "train_seconds": 0.0}
         check_compatible(model.config, tokenizer, cfg.seq_len)
         held_loss = evaluate(model, held, cfg)  # fp32, over the whole held-out split

@@ -82,7 +82,7 @@ from tqdm import tqdm  # plain text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from . import parent as parent_stage
 from .blocks import Variant, VariantError, build_child, init_variant, list_library, parse_variant
-from .config import RunConfig
+from .config import RunConfig, resolve_path
 from .model import PuzzleCache, PuzzleConfig, PuzzleForCausalLM
 from .modeling_decilm import PuzzleModel
 from .rundir import RunDir, atomic_write_json, atomic_write_text, file_sha256, read_csv_rows
@@ -1151,8 +1151,8 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: i
 def costs_source(spec: str | Path) -> Path:
     """The ``costs.csv`` that ``profile_costs_from`` names: the file itself, a stage-01 folder
     holding it, or a run folder holding ``01_profiling/costs.csv``. Relative paths are resolved
-    against the current directory (the repo root, where the notebooks run)."""
-    p = Path(spec).expanduser()
+    against the project folder (config.project_root)."""
+    p = resolve_path(spec)
     for cand in (p, p / "costs.csv", p / STAGE / "costs.csv"):
         if cand.is_file():
             if not (cand.parent / "scenarios.json").is_file():

@@ -51,7 +51,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from .config import PIPELINE_STAGES, RunConfig
+from .config import PIPELINE_STAGES, RunConfig, resolve_path
 
 STAGES: list[str] = list(PIPELINE_STAGES)
 NOTEBOOKS: dict[str, str] = {s: f"notebooks/{s}.ipynb" for s in STAGES}
@@ -291,7 +291,7 @@ class RunDir:
 
     def __init__(self, cfg: RunConfig, create: bool = True):
         self.cfg = cfg
-        self.root = Path(cfg.runs_root).absolute() / cfg.run_name
+        self.root = resolve_path(cfg.runs_root) / cfg.run_name
         self._env: dict[str, Any] | None = None
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -302,10 +302,10 @@ class RunDir:
     @classmethod
     def existing(cls, run_name: str, runs_root: str | Path = "runs") -> "RunDir":
         """Open a run that exists on disk, with the config it was last opened with."""
-        root = Path(runs_root) / run_name
+        root = resolve_path(runs_root) / run_name
         if not (root / "config.json").is_file():
-            have = sorted(q.parent.name for q in Path(runs_root).glob("*/config.json"))
-            raise FileNotFoundError(f"no run named {run_name!r} under {Path(runs_root).absolute()} "
+            have = sorted(q.parent.name for q in resolve_path(runs_root).glob("*/config.json"))
+            raise FileNotFoundError(f"no run named {run_name!r} under {resolve_path(runs_root)} "
                                     f"(runs there: {', '.join(have) or 'none'})")
         cfg = RunConfig.load(root / "config.json").replace(runs_root=str(runs_root))
         return cls(cfg, create=False)

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from .config import PRESETS, ConfigError, RunConfig, parse_set_args
+from .config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
 from .rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text
 
 KERNEL_NAME = "python3"
@@ -79,9 +79,10 @@ class PipelineResult:
 
 # ---- inputs -------------------------------------------------------------------------------------
 def default_repo_root() -> Path:
-    """The current directory if it has notebooks/, else the checkout this package lives in."""
-    cwd = Path.cwd()
-    return cwd if (cwd / "notebooks").is_dir() else _PACKAGE_PARENT
+    """The project folder (config.project_root: the one holding notebooks/, also from inside
+    notebooks/ or student/), else the checkout this package lives in."""
+    root = project_root()
+    return root if (root / "notebooks").is_dir() else _PACKAGE_PARENT
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -304,6 +305,11 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
         result.exit_code = 1
         break
     if result.exit_code == 0:
+        # The one-page overview (docs/how_puzzle_works.md) of whatever this run has finished.
+        from .overview import write_pipeline_figure
+
+        write_pipeline_figure(_resolve(repo_root, cfg.runs_root) / cfg.run_name,
+                              report_dir / "pipeline.png")
         echo(f"puzzlelib: all done. Reports in {report_dir}")
     return result
 
@@ -440,6 +446,13 @@ def _build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print each stage's status for a run")
     status.add_argument("--run-name", required=True)
     status.add_argument("--runs-root", default=None, help="default: <repo>/runs")
+    figure = sub.add_parser("figure", help="draw the one-page pipeline figure of a run as a PNG")
+    figure.add_argument("--run-name", required=True)
+    figure.add_argument("--runs-root", default=None, help="default: <repo>/runs")
+    figure.add_argument("--out", default=None, help="default: reports/<run_name>/pipeline.png")
+    # Listed here for --help; __main__ hands `student` to student.main, which has its own options.
+    sub.add_parser("student", help="write student copies of the notebooks (see: student --help)",
+                   add_help=False)
     return ap
 
 
@@ -454,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(args.run_name, args.runs_root)
+        if args.command == "figure":
+            return _figure(args.run_name, args.runs_root, args.out)
+        if args.command == "student":
+            from .student import main as student_main
+
+            return student_main([])
         res = run_pipeline(args.preset, run_name=args.run_name, stages=args.stages,
                            overrides=parse_set_args(args.sets), force=args.force,
                            repo_root=args.repo_root, notebooks_dir=args.notebooks_dir,
@@ -468,6 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("puzzlelib: interrupted", file=sys.stderr)
         return 130
+
+
+def _figure(run_name: str, runs_root: str | None, out: str | None) -> int:
+    from .overview import write_pipeline_figure
+
+    root = default_repo_root()
+    run_dir = (_resolve(root, runs_root) if runs_root else root / "runs") / run_name
+    if not run_dir.is_dir():
+        raise UsageError(f"no run named {run_name!r} in {run_dir.parent}: run the pipeline first "
+                         f"(python -m puzzlelib run --run-name {run_name})")
+    path = write_pipeline_figure(run_dir, _resolve(root, out) if out else
+                                 root / "reports" / run_name / "pipeline.png")
+    print(f"puzzlelib: wrote {path}")
+    return 0
 
 
 def _status(run_name: str, runs_root: str | None) -> int:

@@ -179,12 +179,11 @@ code and the parameters cell are unchanged, so a copy runs exactly like the orig
    `python -m puzzlelib run --preset smoke --run-name smoke` (minutes) or `make reproduce`.
 2. Run the copies headless with the same run name; the stages are reused, so this is quick:
    `python -m puzzlelib run --preset smoke --run-name smoke --notebooks-dir {dst_label}`.
-3. Open a copy in JupyterLab (`.venv/bin/jupyter lab`, from the repository root), go to
-   `## Exercises` at the end and replace each stub with your answer. Jupyter starts the kernel in
-   `{dst_label}/`, so point the parameters cell at the repository's run folders:
-   `overrides = {{"runs_root": "../runs", "reports_root": "../reports"}}`, with `run_name` and
-   `preset` of the run you made. Work in memory or under a scratch folder: the stage folders in
-   `runs/<run_name>/` belong to the pipeline.
+3. Open a copy in JupyterLab (`make lab`, or `.venv/bin/jupyter lab` from the repository root),
+   set `run_name` and `preset` in the parameters cell to the run you made, go to `## Exercises` at
+   the end and replace each stub with your answer. Relative run folders resolve against the
+   repository root even though Jupyter starts the kernel in `{dst_label}/`. Work in memory or under
+   a scratch folder: the stage folders in `runs/<run_name>/` belong to the pipeline.
 
 The worked solutions are in the cells tagged `solution` of `{src_label}/`.
 """

@@ -196,3 +196,26 @@ def test_summary_lists_every_field():
     text = RunConfig.from_preset("smoke").summary()
     for f in dataclasses.fields(RunConfig):
         assert f.name in text
+
+
+def test_relative_paths_resolve_against_the_project_folder_also_from_notebooks(tmp_path, monkeypatch):
+    # JupyterLab starts a kernel in the notebook's own folder: runs must still land in <project>/runs.
+    from pathlib import Path
+
+    from puzzlelib.config import RunConfig, project_root, resolve_path
+    from puzzlelib.rundir import RunDir
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "student").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert project_root(tmp_path) == tmp_path
+    assert project_root(tmp_path / "notebooks") == tmp_path
+    assert project_root(tmp_path / "student") == tmp_path
+    assert project_root(elsewhere) == elsewhere  # outside a project: the current directory
+    for cwd in (tmp_path, tmp_path / "notebooks", tmp_path / "student"):
+        monkeypatch.chdir(cwd)
+        assert resolve_path("runs") == tmp_path / "runs"
+        assert resolve_path("/abs/runs") == Path("/abs/runs")
+        cfg = RunConfig.from_preset("smoke", {}, "lab")
+        assert RunDir(cfg, create=False).root == tmp_path / "runs" / "lab"

@@ -73,3 +73,13 @@ def test_figure_of_a_real_smoke_run(smoke_run, tmp_path):
     parent, child = chosen_child(smoke_run.run_dir)
     assert len(parent) == len(child) == 4  # the smoke parent has 4 layers
     assert write_pipeline_figure(smoke_run.run_dir, tmp_path / "p.png").stat().st_size > 30_000
+
+
+def test_figure_command(fake_run, tmp_path, capsys):
+    from puzzlelib.runner import main
+
+    out = tmp_path / "fig.png"
+    assert main(["figure", "--run-name", "r", "--runs-root", str(fake_run.parent), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "wrote" in capsys.readouterr().out
+    assert main(["figure", "--run-name", "missing", "--runs-root", str(fake_run.parent)]) == 2
+    assert "run the pipeline first" in capsys.readouterr().err

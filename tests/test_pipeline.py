@@ -32,6 +32,7 @@ def test_smoke_pipeline_runs_every_notebook_and_reuses_on_rerun(smoke_run, tmp_p
         manifest = json.loads((tmp_path / "runs" / "smoke" / stage / "manifest.json").read_text())
         assert manifest["status"] == "done"
     assert (report / "summary.md").exists() and (report / "metrics.json").exists()
+    assert (report / "pipeline.png").stat().st_size > 30_000  # the one-page overview figure
 
     t0 = time.perf_counter()
     again = run_pipeline("smoke", run_name="smoke", overrides=over, echo=lambda *a, **k: None)
