@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from . import tasks as T
-from .config import RunConfig, resolve_path
+from .config import RunConfig, project_root, resolve_path
 from .model import PuzzleCache, PuzzleForCausalLM  # importing .model registers "nemotron-nas"
 from .rundir import UPSTREAM, RunDir, atomic_write_json, atomic_write_text
 
@@ -879,6 +879,14 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
     return paths
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the project folder when it is inside it (the README is read anywhere)."""
+    try:
+        return path.resolve().relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def update_readme_results(readme_path: str | Path = "README.md",
                           metrics_path: str | Path = "reports/default/metrics.json") -> bool:
     """Replace the README's results table (between ``MARKERS``) with the one in ``metrics_path``
@@ -905,7 +913,7 @@ def update_readme_results(readme_path: str | Path = "README.md",
         print(f"update_readme_results: {e}; README left unchanged")
         return False
     block = (f"\n{headline_sentence(m)}\n\n{results_table(m)}\n\n"
-             f"<sub>Generated from `{metrics_path.as_posix()}` by `puzzlelib.evaluation.update_readme_results` "
+             f"<sub>Generated from `{_shown(metrics_path)}` by `puzzlelib.evaluation.update_readme_results` "
              f"(run `{m['run_name']}`, {m['device']}, {m['threads']} threads).</sub>\n")
     new = text[: start + len(MARKERS[0])] + block + text[end:]
     if new != text:
