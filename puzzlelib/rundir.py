@@ -46,7 +46,7 @@ import traceback
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 from tqdm import tqdm
@@ -286,6 +286,19 @@ class Stage:
         return self.dir.joinpath(*parts)
 
 
+def try_lock(path: Path, refusal: Callable[[Path], Exception]) -> FileLock:
+    """Take the OS file lock at ``path`` now, or raise ``refusal(path)`` if another process holds
+    it. The OS drops the lock when its holder dies, even by SIGKILL, so a killed run never blocks
+    the rerun. The caller releases the returned lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise refusal(path) from None
+    return lock
+
+
 class RunDir:
     """runs/<run_name>/ for one config. `create=False` opens read-only (e.g. for `status`)."""
 
@@ -482,15 +495,9 @@ class RunDir:
         for u in UPSTREAM[stage]:
             um = self.require(u) if check_upstream else (self.manifest(u) or {})
             upstream[u] = {"key": um.get("key"), "build_id": um.get("build_id")}
-        lock_path = self._lock_path(stage)
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(lock_path, timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise StageLocked(f"another process is running stage {stage} of run "
-                              f"{self.cfg.run_name!r} (lock file {lock_path}); wait for it to "
-                              "finish or use another run_name") from None
+        lock = try_lock(self._lock_path(stage), lambda path: StageLocked(
+            f"another process is running stage {stage} of run {self.cfg.run_name!r} (lock file "
+            f"{path}); wait for it to finish or use another run_name"))
         try:
             st = Stage(stage, self.stage_dir(stage), self.config_key(stage), uuid.uuid4().hex)
             st.dir.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock, Timeout
 
 from .config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
-from .rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text
+from .rundir import (NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text,
+                     try_lock)
 
 KERNEL_NAME = "python3"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -260,15 +260,10 @@ def run_pipeline(
     # One runner per run name: a second one would overwrite the executed notebooks and
     # pipeline.json under the first one's feet (the stage locks already guard runs/<run>/). The
     # OS drops the lock when its holder dies, even by SIGKILL, so a killed run never blocks a rerun.
-    lock_path = _resolve(repo_root, cfg.runs_root) / cfg.run_name / PIPELINE_LOCK
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RunLocked(f"another process is running the pipeline for run {cfg.run_name!r} "
-                        f"(lock file {lock_path}); wait for it to finish or use another "
-                        "--run-name") from None
+    lock = try_lock(_resolve(repo_root, cfg.runs_root) / cfg.run_name / PIPELINE_LOCK,
+                    lambda path: RunLocked(
+                        f"another process is running the pipeline for run {cfg.run_name!r} (lock "
+                        f"file {path}); wait for it to finish or use another --run-name"))
     try:
         return _run_locked(cfg, preset, overrides, todo, missing, report_dir, repo_root, log_output,
                            kernel_name, echo)
