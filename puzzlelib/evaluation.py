@@ -24,6 +24,12 @@ What it does (DESIGN.md §1.6):
   measurement), ``environment.json`` and the headline figure, and can regenerate the README's
   results table from ``reports/default/metrics.json`` + ``timings.json``.
 
+Where the parts live: this module is the stage itself (the tasks, lm-eval, the models compared, the
+comparison table and headline, ``run`` / ``load``); ``uncertainty.py`` holds the calibration and
+selective-prediction metrics and the bootstrap interval, ``throughput.py`` the speed measurement,
+``report.py`` the report folder and the README table, ``evaluation_error.py`` the error all of them
+raise. Their public names are re-exported here, so ``evaluation.<name>`` keeps working.
+
 Reads stages 00 (parent, tokenizer, corpus fingerprint), 01 (cost table, scenarios), 02 (library,
 for the children before GKD), 04 (child specs, Pareto front) and 05 (distilled checkpoints).
 Writes ``runs/<run>/06_evaluation/``: ``tasks/`` (JSONL + YAML + ``tasks.json`` with sha256),
@@ -49,121 +55,50 @@ import torch
 from tqdm import tqdm
 
 from . import tasks as T
-from .config import RunConfig, project_root, resolve_path
-from .model import PuzzleCache, PuzzleForCausalLM  # importing .model registers "nemotron-nas"
-from .rundir import UPSTREAM, RunDir, atomic_write_json, atomic_write_text
+from .config import RunConfig
+from .evaluation_error import EvaluationError
+from .model import PuzzleForCausalLM  # importing .model registers "nemotron-nas"
+from .report import (  # noqa: F401  (re-exported: notebook 06 and the tests use them from here)
+    MARKERS,
+    REPORT_FILES,
+    headline_sentence,
+    merge_report,
+    read_report,
+    report_dir,
+    report_environment,
+    results_table,
+    split_report,
+    summary_markdown,
+    update_readme_results,
+    write_report,
+)
+from .rundir import UPSTREAM, RunDir, atomic_write_json
+from .throughput import (  # noqa: F401  (re-exported)
+    CLOCKS,
+    greedy_generate,
+    measure_throughput,
+    predicted_speedups,
+)
+from .uncertainty import (  # noqa: F401  (re-exported)
+    aurc,
+    bootstrap_retention,
+    ece,
+    optimal_aurc,
+    reliability,
+    risk_coverage,
+    softmax,
+    uncertainty_metrics,
+)
 
 STAGE = "06_evaluation"
 PAPER = {"Nemotron-51B (from Llama-3.1-70B)": {"speedup": 2.17, "retention": 0.984},
          "Llama-3.1-8B child (paper's 8B experiment)": {"speedup": 1.73, "retention": 0.97}}
-MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 # Which score ranks a task's choices. next_line: PMI, log P(line | context) - log P(line), the
 # Bayes-optimal rule when distractors are drawn from the marginal (lines from other files); raw
 # log-likelihood ranks lines by how *common* they are, and a small model scores chance with it.
 # name_recall: raw log-likelihood (every distractor already occurs in the context).
 SCORING = {T.NEXT_LINE: "pmi", T.NAME_RECALL: "loglik"}
 HEADLINE_METRIC = {T.NEXT_LINE: "acc_mutual_info", T.NAME_RECALL: "acc"}
-
-
-class EvaluationError(ValueError):
-    """Stage 06 cannot run with this input; the message says what to change."""
-
-
-# ------------------------------------------------------------------ uncertainty metrics (pure)
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax: the choice scores of a sample as probabilities over its choices."""
-    s = np.asarray(scores, dtype=float)
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; 0 goes to the first bin.
-    return np.clip(np.ceil(np.asarray(confidence) * bins).astype(int) - 1, 0, bins - 1)
-
-
-def reliability(confidence, correct, bins: int = 10) -> list[dict]:
-    """Per equal-width confidence bin: count, mean confidence, accuracy (empty bins left out)."""
-    conf, ok = np.asarray(confidence, float), np.asarray(correct, float)
-    idx = _bin_index(conf, bins)
-    return [{"lo": b / bins, "hi": (b + 1) / bins, "count": int((idx == b).sum()),
-             "confidence": float(conf[idx == b].mean()), "accuracy": float(ok[idx == b].mean())}
-            for b in range(bins) if (idx == b).any()]
-
-
-def ece(confidence, correct, bins: int = 10) -> float:
-    """Expected calibration error: Σ_bins |bin|/n · |accuracy(bin) − mean confidence(bin)|."""
-    n = len(confidence)
-    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"])
-                     for r in reliability(confidence, correct, bins)))
-
-
-def risk_coverage(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
-    """The risk–coverage curve of "answer only when confidence ≥ t", at every distinct t.
-
-    Returns (coverage, risk), highest threshold first. Tied confidences enter together: a
-    threshold cannot accept half of a tie.
-    """
-    conf, err = np.asarray(confidence, float), 1.0 - np.asarray(correct, float)
-    order = np.argsort(-conf, kind="stable")
-    conf, err = conf[order], err[order]
-    last = np.r_[np.nonzero(np.diff(conf))[0], len(conf) - 1]  # the end of each tie group
-    k = last + 1
-    return k / len(conf), np.cumsum(err)[last] / k
-
-
-def aurc(confidence, correct) -> float:
-    """Area under the risk–coverage curve (step integral; lower is better). Without ties it equals
-    the mean over k = 1..n of the error rate among the k most confident answers."""
-    cov, risk = risk_coverage(confidence, correct)
-    return float(np.sum(np.diff(np.r_[0.0, cov]) * risk))
-
-
-def optimal_aurc(correct) -> float:
-    """AURC of a perfect ranking (every right answer more confident than every wrong one): what a
-    model with this accuracy could reach. E-AURC = AURC − this isolates the ranking quality."""
-    ok = np.asarray(correct, float)
-    n = len(ok)
-    e = int(round(n - ok.sum()))
-    k = np.arange(1, n + 1)
-    return float(np.mean(np.maximum(0, k - (n - e)) / k))
-
-
-def uncertainty_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict:
-    """Accuracy, mean confidence, ECE, AURC, optimal AURC, E-AURC, Brier score and NLL of one
-    model on one multiple-choice task, from its choice probabilities [n, choices]."""
-    probs, labels = np.asarray(probs, float), np.asarray(labels, int)
-    pred, conf = probs.argmax(1), probs.max(1)
-    ok = (pred == labels).astype(float)
-    onehot = np.eye(probs.shape[1])[labels]
-    a, a_opt = aurc(conf, ok), optimal_aurc(ok)
-    return {"accuracy": float(ok.mean()), "mean_confidence": float(conf.mean()), "ece": ece(conf, ok, bins),
-            "aurc": a, "aurc_optimal": a_opt, "e_aurc": a - a_opt,
-            "brier": float(((probs - onehot) ** 2).sum(1).mean()),
-            "nll": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())}
-
-
-def bootstrap_retention(parent: dict[str, np.ndarray], child: dict[str, np.ndarray], iters: int = 1000,
-                        seed: int = 0) -> tuple[float, float]:
-    """Paired bootstrap 95 % interval of mean-accuracy retention (child mean / parent mean).
-
-    ``parent`` / ``child``: per task, 0/1 correctness per sample, the same samples in the same order.
-    Each resample draws the same sample indices for both models, so what the two share (an easy
-    sample is easy for both) cancels, as it does in the point estimate.
-    """
-    if iters <= 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng([seed, 0xB007])
-    mp, mc = np.zeros(iters), np.zeros(iters)
-    for t in parent:
-        p, c = np.asarray(parent[t], float), np.asarray(child[t], float)
-        idx = rng.integers(0, len(p), size=(iters, len(p)))
-        mp += p[idx].mean(1) / len(parent)
-        mc += c[idx].mean(1) / len(parent)
-    ratio = mc / np.where(mp > 0, mp, np.nan)
-    lo, hi = np.nanpercentile(ratio, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------- quality (lm-eval)
@@ -235,124 +170,6 @@ def evaluate_model(model, tokenizer, loaded_tasks: dict, *, batch_size: int, max
         out["samples"][name] = {"labels": labels, "scores": scores_arr.round(5).tolist(),
                                 "probs": softmax(scores_arr).round(6).tolist()}
     return out
-
-
-# ------------------------------------------------------------------------------- throughput
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = ("wall", "cpu")
-
-
-def _now() -> tuple[float, float]:
-    # Both clocks at once: "wall" (elapsed) is what a dedicated device delivers; "cpu" (this
-    # process's CPU time) does not advance while another process holds the core, so on a shared
-    # machine it still measures the model (with one intra-op thread it equals runtime).
-    return time.perf_counter(), time.process_time()
-
-
-@torch.inference_mode()
-def greedy_generate(model: PuzzleForCausalLM, ids: torch.Tensor, gen_len: int) -> tuple[torch.Tensor, dict]:
-    """Prefill ``ids`` into a fresh ``PuzzleCache``, then ``gen_len`` greedy decode steps with the
-    cache. Returns (the gen_len + 1 new tokens, {clock: (prefill seconds, decode seconds)}).
-
-    The same accounting as stage 01's scenario (one prefill + gen_len decode steps), and the same
-    tokens as ``model.generate(ids, max_new_tokens=gen_len + 1, do_sample=False)``, without
-    ``generate``'s per-step Python overhead, which would blur small models' differences.
-    """
-    dev = ids.device
-    cache = PuzzleCache(model.config)
-    _sync(dev)
-    t0 = _now()
-    nxt = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-    _sync(dev)
-    t1 = _now()
-    out = [nxt]
-    for _ in range(gen_len):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        out.append(nxt)
-    _sync(dev)
-    t2 = _now()
-    return torch.cat(out, 1), {c: (t1[k] - t0[k], t2[k] - t1[k]) for k, c in enumerate(CLOCKS)}
-
-
-def measure_throughput(models: dict[str, PuzzleForCausalLM], scenarios: list[tuple[int, int, int]],
-                       rounds: int = 5, warmup: int = 1, seed: int = 0, reference: str = "parent",
-                       clock: str = "wall", progress: bool = True) -> dict:
-    """Prefill / decode / generation tokens/s of every model for every (batch, prompt, gen) scenario.
-
-    Interleaved: every round runs every model once per scenario, in a freshly shuffled model order;
-    ``warmup`` untimed rounds first. Per model and scenario: medians of the timings on ``clock``
-    ("wall" or "cpu", see ``_now``; both are recorded); per child, speed-ups to ``reference`` as the
-    median over rounds of the within-round ratio.
-    """
-    if reference not in models:
-        raise EvaluationError(f"the reference model {reference!r} is not among {list(models)}")
-    if clock not in CLOCKS:
-        raise EvaluationError(f"unknown clock {clock!r}: use 'wall' or 'cpu'")
-    dev = next(next(iter(models.values())).parameters()).device
-    vocab = min(m.config.vocab_size for m in models.values())
-    gen = torch.Generator().manual_seed(seed)
-    prompts = {s: torch.randint(0, vocab, s[:2], generator=gen).to(dev) for s in scenarios}
-    names = list(models)
-    rng = np.random.default_rng([seed, 0x7A7])
-    raw = {c: {n: {f"b{b}": {"prefill_s": [], "decode_s": []} for b, _, _ in scenarios} for n in names}
-           for c in CLOCKS}
-    for r in tqdm(range(warmup + rounds), desc="throughput rounds", disable=not progress):
-        for i in rng.permutation(len(names)):
-            for s in scenarios:
-                _, times = greedy_generate(models[names[i]], prompts[s], s[2])
-                for c in CLOCKS if r >= warmup else ():
-                    raw[c][names[i]][f"b{s[0]}"]["prefill_s"].append(times[c][0])
-                    raw[c][names[i]][f"b{s[0]}"]["decode_s"].append(times[c][1])
-    out: dict = {"scenarios": [{"batch": b, "prompt_len": p, "gen_len": g} for b, p, g in scenarios],
-                 "rounds": rounds, "warmup": warmup, "reference": reference, "device": str(dev), "clock": clock,
-                 "threads": torch.get_num_threads(), "models": {}, "other_clock": {}, "samples": raw}
-    for c in CLOCKS:
-        table = out["models"] if c == clock else out["other_clock"]
-        for n in names:
-            table[n] = _throughput_summary(raw[c], n, reference, scenarios)
-    return out
-
-
-def _throughput_summary(raw: dict, n: str, reference: str, scenarios) -> dict:
-    per: dict = {}
-    for b, p, g in scenarios:
-        x, ref = raw[n][f"b{b}"], raw[reference][f"b{b}"]
-        pre, dec = np.array(x["prefill_s"]), np.array(x["decode_s"])
-        rpre, rdec = np.array(ref["prefill_s"]), np.array(ref["decode_s"])
-        ratio = (rpre + rdec) / (pre + dec)  # within-round: a slow spell hits both sides
-        per[f"b{b}"] = {
-            "prefill_ms": float(np.median(pre) * 1e3), "decode_step_ms": float(np.median(dec) / g * 1e3),
-            "prefill_tokens_per_s": float(b * p / np.median(pre)),
-            "decode_tokens_per_s": float(b * g / np.median(dec)),
-            "tokens_per_s": float(b * g / np.median(pre + dec)),
-            "speedup": float(np.median(ratio)), "speedup_p10": float(np.percentile(ratio, 10)),
-            "speedup_p90": float(np.percentile(ratio, 90)),
-            "prefill_speedup": float(np.median(rpre / pre)), "decode_speedup": float(np.median(rdec / dec))}
-    # The search's definition: the model at its best batch vs the parent at its best batch.
-    ref_best = max(float(b * g / np.median(np.array(raw[reference][f"b{b}"]["prefill_s"])
-                                           + np.array(raw[reference][f"b{b}"]["decode_s"])))
-                   for b, _, g in scenarios)
-    best = max(v["tokens_per_s"] for v in per.values())
-    per["best"] = {"tokens_per_s": best, "speedup": best / ref_best}
-    return per
-
-
-def predicted_speedups(costs, choices: list, parent_choices: list) -> dict:
-    """Stage 01's cost-table prediction for the same scenarios (``CostTable.predict_scenario``)."""
-    per, best, ref_best = {}, 0.0, 0.0
-    for b in costs.batch_sizes:
-        c, p = costs.predict_scenario(choices, b), costs.predict_scenario(parent_choices, b)
-        per[f"b{b}"] = {"tokens_per_s": c["tokens_per_s"], "speedup": c["tokens_per_s"] / p["tokens_per_s"],
-                        "prefill_speedup": p["prefill_ms"] / c["prefill_ms"],
-                        "decode_speedup": p["decode_ms"] / c["decode_ms"]}
-        best, ref_best = max(best, c["tokens_per_s"]), max(ref_best, p["tokens_per_s"])
-    per["best"] = {"speedup": best / ref_best}
-    return per
 
 
 # ------------------------------------------------------------------------------- the models
@@ -653,273 +470,6 @@ def curve_data(result: EvaluationResult, task: str, names: list[str] | None = No
         out[name] = {"coverage": cov, "risk": risk, "reliability": reliability(conf, ok, bins), "aurc": aurc(conf, ok),
                      "ece": ece(conf, ok, bins), "method": row["method"], "gkd": row["gkd"]}
     return out
-
-
-# --------------------------------------------------------------------------------- the report
-
-def _pct(x: float, digits: int = 1) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f} %"
-
-
-def results_table(metrics: dict) -> str:
-    """The comparison as a Markdown table: one row per model, ratios to the parent."""
-    tasks = [t for t in metrics["tasks"] if t != T.BPB]
-    head = (["model", "GKD", "measured speed-up", "predicted (stage 01)"] + [f"{t} acc" for t in tasks]
-            + ["mean acc", "retention [95 % CI]", "bits/byte", "ECE", "E-AURC"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in metrics["models"]:
-        lo, hi = r["retention_ci"]
-        gkd = {None: "–", True: "yes", False: "no"}[r["gkd"]]
-        cells = ([f"**{r['name']}**" if r["method"] == "mip" and r["gkd"] else r["name"], gkd,
-                  f"{r['measured_speedup']:.2f}×", f"{r['predicted_speedup']:.2f}×"]
-                 + [f"{r['accuracy'][t]:.3f}" for t in tasks]
-                 + [f"{r['mean_accuracy']:.3f}",
-                    _pct(r["retention"]) + ("" if r["name"] == "parent" else f" [{_pct(lo)}, {_pct(hi)}]"),
-                    f"{r['bpb']:.3f}", f"{r['ece']:.3f}", f"{r['e_aurc']:.3f}"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def headline_sentence(metrics: dict) -> str:
-    h = metrics["headline"]
-    if "model" not in h:
-        return h.get("note", "")
-    lo, hi = h["retention_ci"]
-    best = max(h["baselines"].items(), key=lambda kv: kv[1]["retention"], default=None)
-    base = (f" The best baseline, {best[0]}, keeps {_pct(best[1]['retention'])} at "
-            f"{best[1]['measured_speedup']:.2f}×." if best else "")
-    return (f"The MIP child **{h['model']}** runs **{h['measured_speedup']:.2f}×** as fast as the parent on "
-            f"this device (stage 01 predicted {h['predicted_speedup']:.2f}×; target {h['target_speedup']:g}×) and "
-            f"keeps **{_pct(h['retention'])}** of its mean accuracy (95 % CI {_pct(lo)}–{_pct(hi)}; "
-            f"{_pct(h['above_chance_retention'])} of its accuracy above chance).{base} Goal ≥ 2× at ≥ 97 %: "
-            f"{'met' if h['goal_met'] else 'not met'}; ahead of every baseline: "
-            f"{'yes' if h['ahead_of_every_baseline'] else 'no'}.")
-
-
-def summary_markdown(metrics: dict) -> str:
-    """reports/<run>/summary.md: the headline, the table, the tasks, the caveats."""
-    sc = ", ".join(f"batch {s['batch']} × {s['prompt_len']} prompt + {s['gen_len']} new tokens"
-                   for s in metrics["scenarios"])
-    tasks = "\n".join(f"| {t} | {v.get('samples', '–')} | {v.get('chance') if v.get('chance') else '–'} | "
-                      f"{v['metric']} | {v.get('description', '')} |" for t, v in metrics["tasks"].items())
-    paper = "; ".join(f"{k}: {v['speedup']}× at {_pct(v['retention'])}" for k, v in metrics["paper"].items())
-    notes = "".join(f"- {n}\n" for n in metrics.get("notes", []))
-    return f"""# Puzzle evaluation — run `{metrics['run_name']}` (preset `{metrics['preset']}`)
-
-{headline_sentence(metrics)}
-
-Parent: `{metrics['parent']}` · device: {metrics['device']} ({metrics['threads']} threads) · throughput
-scenarios: {sc} · speed-up = best-batch generated tokens/s of the model ÷ the parent's, measured
-interleaved in one process (median of per-round ratios) · retention = mean accuracy ÷ the parent's.
-
-{results_table(metrics)}
-
-## Tasks (lm-evaluation-harness, local, the same samples for every model)
-
-| task | samples | chance | metric | what |
-|---|---|---|---|---|
-{tasks}
-
-## How to read it
-
-- *Measured vs predicted*: the predicted speed-up sums stage 01's per-block costs; the difference is
-  the runtime model's error (non-additive effects, Python overhead, cache behaviour).
-- *Retention* near 100 % for a parent close to chance says little: the *above-chance* retention and the
-  95 % interval (paired bootstrap over samples) say how much of what the parent knows survived.
-- *ECE* (calibration error of the choice probabilities) and *E-AURC* (selective-prediction ranking
-  quality beyond what the accuracy alone allows): lower is better; a child whose E-AURC grows has lost
-  some of the parent's knowledge of when it is wrong.
-- The paper for comparison — {paper}. Those are 70B/8B models on H100s with TensorRT-LLM; this run is
-  a small model on this device, so compare the *shape* of the result, not the numbers.
-
-{('## Notes' + chr(10) + chr(10) + notes) if notes else ''}Timing: quality {metrics['timing']['quality_seconds']} s, throughput {metrics['timing']['throughput_seconds']} s.
-"""
-
-
-def report_dir(cfg: RunConfig) -> Path:
-    return resolve_path(cfg.reports_root) / cfg.run_name
-
-
-REPORT_FILES = ("summary.md", "metrics.json", "timings.json", "environment.json",
-                "retention_vs_speedup.png")
-# Per-model fields of the comparison that are wall-clock measurements: they go to timings.json.
-_TIMED_ROW_KEYS = ("measured", "measured_speedup", "speedup_error", "eval_seconds")
-
-
-def split_report(metrics: dict, run_dir: str | Path | None = None) -> tuple[dict, dict]:
-    """Split stage 06's metrics into (deterministic, timings).
-
-    The first part depends only on the seed, the config and the cost table: two runs that share
-    them write it byte for byte the same (accuracies, retention and its interval, bits per byte,
-    uncertainty, predicted speed-ups, task hashes, settings), with model sources relative to
-    ``run_dir`` instead of absolute paths. The second holds every wall-clock measurement
-    (measured speed-ups and tokens/s, stage 04's measured re-check, solve and evaluation seconds,
-    device and threads), which differs on every run. :func:`merge_report` undoes the split.
-    """
-    det = {k: v for k, v in metrics.items() if k not in ("device", "threads", "timing", "models",
-                                                           "headline", "pareto")}
-    tim: dict = {"run_name": metrics.get("run_name"), "device": metrics.get("device"),
-                 "threads": metrics.get("threads"), "timing": metrics.get("timing"), "models": {}}
-    root = Path(run_dir).absolute() if run_dir is not None else None
-    rows = []
-    for r in metrics.get("models", []):
-        row = {k: v for k, v in r.items() if k not in _TIMED_ROW_KEYS}
-        if root is not None and Path(str(r.get("source", ""))).is_absolute():
-            try:
-                row["source"] = Path(r["source"]).relative_to(root).as_posix()
-            except ValueError:  # outside the run (e.g. a local HF parent): the folder's name only
-                row["source"] = Path(r["source"]).name
-        search_rec = dict(r.get("search") or {})
-        t = {k: r[k] for k in _TIMED_ROW_KEYS if k in r}
-        if "measured" in search_rec:
-            t["search_measured"] = search_rec.pop("measured")
-            row["search"] = search_rec
-        rows.append(row)
-        tim["models"][r["name"]] = t
-    det["models"] = rows
-    if "headline" in metrics:
-        h = dict(metrics["headline"])
-        tim["headline"] = {"measured_speedup": h.pop("measured_speedup", None),
-                           "goal_met": h.pop("goal_met", None),  # it compares a measured speed-up
-                           "baselines": {n: {"measured_speedup": b.get("measured_speedup")}
-                                         for n, b in h.get("baselines", {}).items()}}
-        h["baselines"] = {n: {k: v for k, v in b.items() if k != "measured_speedup"}
-                          for n, b in h.get("baselines", {}).items()}
-        det["headline"] = h
-    if "pareto" in metrics:
-        det["pareto"] = [{k: v for k, v in p.items() if k != "seconds"} for p in metrics["pareto"] or []]
-        tim["pareto_solve_seconds"] = [p.get("seconds") for p in metrics["pareto"] or []]
-    return det, tim
-
-
-def merge_report(det: dict, tim: dict) -> dict:
-    """metrics.json + timings.json -> the full metrics (as stage 06 returns them, sources aside)."""
-    out = {**det, "device": tim.get("device"), "threads": tim.get("threads"), "timing": tim.get("timing")}
-    rows = []
-    for r in det.get("models", []):
-        t = dict(tim.get("models", {}).get(r["name"], {}))
-        row = {**r, **{k: t[k] for k in _TIMED_ROW_KEYS if k in t}}
-        if "search_measured" in t:
-            row["search"] = {**r.get("search", {}), "measured": t["search_measured"]}
-        rows.append(row)
-    out["models"] = rows
-    if "headline" in det:
-        h, th = dict(det["headline"]), tim.get("headline") or {}
-        if "model" in h:
-            h.update(measured_speedup=th.get("measured_speedup"), goal_met=th.get("goal_met"))
-            h["baselines"] = {n: {**b, **(th.get("baselines") or {}).get(n, {})}
-                              for n, b in h.get("baselines", {}).items()}
-        out["headline"] = h
-    if "pareto" in det:
-        secs = tim.get("pareto_solve_seconds") or []
-        out["pareto"] = [{**p, **({"seconds": secs[i]} if i < len(secs) else {})}
-                         for i, p in enumerate(det["pareto"])]
-    return out
-
-
-def read_report(metrics_path: str | Path) -> dict:
-    """The full metrics of a report folder: ``metrics.json`` merged with the ``timings.json`` next
-    to it. A report written before the split (measured fields inside metrics.json) is returned as
-    it is; a split one whose timings.json is missing raises :class:`EvaluationError`."""
-    metrics_path = Path(metrics_path)
-    det = json.loads(metrics_path.read_text(encoding="utf-8"))
-    timings = metrics_path.with_name("timings.json")
-    if "timing" in det:  # the old single-file layout
-        return det
-    if not timings.is_file():
-        raise EvaluationError(f"{metrics_path} holds no measured speed-ups and {timings} is missing: "
-                              "rerun notebooks/06_evaluation.ipynb to write both")
-    return merge_report(det, json.loads(timings.read_text(encoding="utf-8")))
-
-
-def report_environment(cfg: RunConfig) -> dict:
-    """What produced the report and what would change its numbers: the run's environment record
-    (interpreter, packages, device, threads, git commit, what breaks bit-identity), the corpus
-    fingerprint stage 00 recorded, and where the cost table came from (measured or imported)."""
-    from .rundir import environment_info, file_sha256
-
-    run = resolve_path(cfg.runs_root) / cfg.run_name
-    env_path = run / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.is_file() else environment_info(cfg)
-    corpus = run / "00_parent" / "corpus.json"
-    if corpus.is_file():
-        c = json.loads(corpus.read_text())
-        env["corpus"] = {"spec": cfg.corpus, "fingerprint": c.get("fingerprint"),
-                         "python_version": c.get("python_version")}
-    costs = run / "01_profiling" / "costs.csv"
-    if costs.is_file():
-        env["cost_table"] = {"sha256": file_sha256(costs),
-                             "imported_from": cfg.profile_costs_from or None,
-                             "note": "measured costs differ on every run and can change the children "
-                                     "the search picks; profile_costs_from imports one table"}
-    return env
-
-
-def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
-    """Write ``reports/<run>/``: ``summary.md``, ``metrics.json`` (what the seed, config and cost
-    table determine: identical across reruns), ``timings.json`` (every wall-clock measurement),
-    ``environment.json`` and the headline figure; return the paths."""
-    import matplotlib.pyplot as plt
-
-    from . import plots
-
-    out = report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in REPORT_FILES}
-    det, tim = split_report(result.metrics, resolve_path(cfg.runs_root) / cfg.run_name)
-    atomic_write_json(paths["metrics.json"], det)
-    atomic_write_json(paths["timings.json"], tim)
-    atomic_write_json(paths["environment.json"], report_environment(cfg))
-    atomic_write_text(paths["summary.md"], summary_markdown(result.metrics))
-    fig = plots.retention_vs_speedup(result.models, result.metrics.get("pareto"), result.metrics["target_speedup"])
-    tmp = paths["retention_vs_speedup.png"].with_name(".retention_vs_speedup.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(paths["retention_vs_speedup.png"])
-    return paths
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the project folder when it is inside it (the README is read anywhere)."""
-    try:
-        return path.resolve().relative_to(project_root().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def update_readme_results(readme_path: str | Path = "README.md",
-                          metrics_path: str | Path = "reports/default/metrics.json") -> bool:
-    """Replace the README's results table (between ``MARKERS``) with the one in ``metrics_path``
-    and the ``timings.json`` next to it (see :func:`read_report`; a report from before the split
-    is read as it is).
-
-    A no-op that says why when the markers, the metrics file or its timings are missing; returns
-    whether the README was rewritten.
-    """
-    readme, metrics_path = Path(readme_path), Path(metrics_path)
-    if not metrics_path.is_file():
-        print(f"update_readme_results: {metrics_path} does not exist (run the default pipeline first); "
-              "README left unchanged")
-        return False
-    text = readme.read_text(encoding="utf-8")
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if start < 0 or end < start:
-        print(f"update_readme_results: {readme} has no {MARKERS[0]} … {MARKERS[1]} markers; README left "
-              "unchanged (add both markers where the results table belongs)")
-        return False
-    try:
-        m = read_report(metrics_path)
-    except EvaluationError as e:
-        print(f"update_readme_results: {e}; README left unchanged")
-        return False
-    block = (f"\n{headline_sentence(m)}\n\n{results_table(m)}\n\n"
-             f"<sub>Generated from `{_shown(metrics_path)}` by `puzzlelib.evaluation.update_readme_results` "
-             f"(run `{m['run_name']}`, {m['device']}, {m['threads']} threads).</sub>\n")
-    new = text[: start + len(MARKERS[0])] + block + text[end:]
-    if new != text:
-        atomic_write_text(readme, new)
-    print(f"update_readme_results: results table in {readme} {'updated' if new != text else 'already current'}")
-    return True
 
 
 def lm_eval_command(checkpoint: str | Path, tasks_dir: str | Path, tasks: tuple[str, ...] = T.LOCAL_TASKS,
