@@ -59,9 +59,7 @@ multi-node launch details (torchrun's own flags handle them).
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 import time
 import zlib
@@ -72,13 +70,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from . import data
 from . import parent as parent_stage
 from .blocks import Variant, VariantError, ffn_channel_scores, init_variant, list_library, parse_variant
-from .config import ConfigError, RunConfig, parse_set_args
+from .config import RunConfig
+from .distributed import Dist, stage_main
 from .library import Library, LibraryMismatch, pair_name, parent_fingerprint, split_pair_name
 from .model import PuzzleConfig, child_config
 from .modeling_decilm import PuzzleDecoderLayer
@@ -507,50 +505,6 @@ def train_blocks(parent, lib: Library, jobs: list[Job], settings: BLDSettings,
     return stats
 
 
-# ------------------------------------------------------------------------------ distributed
-
-class _Dist:
-    """RANK / WORLD_SIZE from torchrun's environment; one process when absent."""
-
-    def __init__(self, cfg: RunConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise BLDError("device='cuda' but no CUDA device is available; set device=cpu or auto")
-        self.device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-        if want_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if want_cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def _reduce(self, value: float, op) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64,
-                         device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=op)
-        return t.item()
-
-    def all_ok(self, ok: bool) -> bool:
-        return bool(self._reduce(1.0 if ok else 0.0, dist.ReduceOp.MIN))
-
-    def sum(self, v: float) -> float:
-        return self._reduce(v, dist.ReduceOp.SUM)
-
-    def max(self, v: float) -> float:
-        return self._reduce(v, dist.ReduceOp.MAX)
-
-    def decide(self, value: bool) -> bool:
-        """Rank 0's boolean, on every rank."""
-        return bool(self._reduce(1.0 if (value and self.main) else 0.0, dist.ReduceOp.MAX))
-
-
 # ---------------------------------------------------------------------------------- the stage
 
 @dataclass
@@ -625,7 +579,7 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     settings = BLDSettings.from_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dd = _Dist(cfg)
+    dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     if not dd.decide(rd.should_run(STAGE) if dd.main else False):
         if dd.main:
@@ -735,41 +689,17 @@ def load(cfg: RunConfig) -> BLDResult:
 
 # ------------------------------------------------------------------------------------- CLI
 
+def _report(res: BLDResult) -> None:
+    m, t = res.metrics, res.timing
+    print(f"{STAGE}: {m['blocks']} blocks ({m['trained_blocks']} trained, "
+          f"{m['tokens_per_variant']} tokens each) in {res.library_dir}")
+    if not res.reused:
+        print(f"{STAGE}: {t['jobs_run']} blocks this run, {t['train_tokens_per_second']:.0f} "
+              f"block-training tokens/s over {t['world_size']} process(es)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m puzzlelib.bld",
-        description="Stage 02 (BLD). One process: python -m puzzlelib.bld --preset smoke. "
-                    "Parallel: torchrun --nproc_per_node N -m puzzlelib.bld --preset smoke.")
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--run-name", default=None)
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field (repeatable), e.g. --set bld_lr=5e-4")
-    ap.add_argument("--force", action="store_true", help="rebuild the library from scratch")
-    args = ap.parse_args(argv)
-    try:
-        overrides = parse_set_args(args.sets)
-        if args.force:
-            overrides["force"] = True
-        cfg = RunConfig.from_preset(args.preset, overrides, args.run_name)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = run(cfg)
-        if int(os.environ.get("RANK", "0")) == 0:
-            m, t = res.metrics, res.timing
-            print(f"{STAGE}: {m['blocks']} blocks ({m['trained_blocks']} trained, "
-                  f"{m['tokens_per_variant']} tokens each) in {res.library_dir}")
-            if not res.reused:
-                print(f"{STAGE}: {t['jobs_run']} blocks this run, {t['train_tokens_per_second']:.0f} "
-                      f"block-training tokens/s over {t['world_size']} process(es)")
-    except (BLDError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return stage_main(argv, "bld", "Stage 02 (BLD)", "Parallel", run, _report)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,8 @@ child is unfinished. Leaves out: LoRA / partial fine-tuning, sequence packing ac
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -45,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
-from .config import ConfigError, RunConfig, parse_set_args
+from .config import RunConfig
+from .distributed import Dist, stage_main
 from .export import save_checkpoint
 from .model import PuzzleForCausalLM
 from .parent import load_train_state, lr_at, make_optimizer, save_train_state
@@ -155,48 +153,6 @@ def evaluate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, held: np.ndarr
         n += y.numel()
     child.train(was)
     return {"kl": kl / n, "lm_loss": lm / n, "top1_agreement": agree / n, "tokens": int(n)}
-
-
-# ------------------------------------------------------------------------------ distribution
-
-class Dist:
-    """RANK / WORLD_SIZE from torchrun's environment; a single process when they are absent."""
-
-    def __init__(self, device: str = "cpu"):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if cuda and not torch.cuda.is_available():
-            raise GKDError("device='cuda' but no CUDA device is available; set device=cpu or auto.")
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def average_grads(self, model: torch.nn.Module) -> None:
-        """Mean of every gradient over ranks (what DDP's all-reduce does, made explicit so the
-        single-process and N-process paths run the very same optimizer code)."""
-        if self.world == 1:
-            return
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= self.world
-
-    def mean(self, value: float) -> float:
-        """The mean of a per-rank number (for logging the global batch's loss)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.item() / self.world
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 # ---------------------------------------------------------------------------------- training
@@ -414,6 +370,16 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
     held = data.load_tokens(pres.dir / "tokens", "heldout")
 
     def body(out: Path, key: str) -> tuple[dict, dict]:
+        if cfg.force:
+            # Finished children are kept across reruns with the same key (resume after a kill);
+            # force means recompute, so the main rank drops them and their checkpoints first,
+            # under the stage lock (as BLD drops its library).
+            if dd.main:
+                for sub in ("children", "train_state", "ablation"):
+                    if (out / sub).exists():
+                        print(f"{STAGE}: force=True: discarding {out / sub}", flush=True)
+                        shutil.rmtree(out / sub)
+            dd.barrier()
         metrics = distill_children(parent, children, library_root, train, held, s, out, key, dd, stop_after,
                                    tokenizer=tokenizer)
         ablation = {}
@@ -452,36 +418,13 @@ def load(cfg: RunConfig) -> GKDResult:
                      reused=True)
 
 
+def _report(res: GKDResult) -> None:
+    for n, m in res.metrics["children"].items():
+        print(f"{STAGE}: {n}: held-out KL {m['before']['kl']:.4f} -> {m['after']['kl']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m puzzlelib.gkd",
-        description="Stage 05 (GKD). One process: python -m puzzlelib.gkd --preset smoke. "
-                    "Data-parallel: torchrun --nproc_per_node N -m puzzlelib.gkd --preset smoke.")
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--run-name", default=None)
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        overrides = parse_set_args(a.sets)
-        if a.force:
-            overrides["force"] = True
-        cfg = RunConfig.from_preset(a.preset, overrides, a.run_name)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = run(cfg)
-        if int(os.environ.get("RANK", "0")) == 0:
-            for n, m in res.metrics["children"].items():
-                print(f"{STAGE}: {n}: held-out KL {m['before']['kl']:.4f} -> {m['after']['kl']:.4f}")
-    except (GKDError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return stage_main(argv, "gkd", "Stage 05 (GKD)", "Data-parallel", run, _report)
 
 
 if __name__ == "__main__":

@@ -273,4 +273,4 @@ def test_notebook_02_runs_headless_on_smoke(tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # before/after, loss curves, layer heatmap
+    assert len(images) == 4  # before/after, loss curves, layer heatmap, channel contributions

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from puzzlelib import data
-from puzzlelib.gkd import GKDError, GKDSettings, distill, evaluate, gkd_loss
+from puzzlelib.gkd import GKDError, distill, evaluate, gkd_loss
 from gkd_worker import SETTINGS, make
 
 HERE = Path(__file__).parent
@@ -119,3 +119,21 @@ def test_child_not_in_library_is_refused(tmp_path, tiny_parent):
     with pytest.raises(GKDError, match="does not match the block library"):
         distill_children(tiny_parent, [("c", [("attn:kv1", "ffn:0.50"), ("attn:kv2", "ffn:1.00")])], lib.root,
                          data_tokens(), data_tokens(), SETTINGS, tmp_path / "out", "k", Dist())
+
+
+@pytest.mark.slow
+def test_force_discards_finished_children_instead_of_keeping_them(smoke_run, tmp_path):
+    # A rerun keeps children finished under the same key (resume after a kill); force must not.
+    import shutil
+
+    from puzzlelib import gkd
+    from puzzlelib.config import RunConfig
+
+    shutil.copytree(smoke_run.root, tmp_path, dirs_exist_ok=True)
+    cfg = RunConfig.from_preset("smoke", {"runs_root": str(tmp_path / "runs"),
+                                          "reports_root": str(tmp_path / "reports")}, "smoke")
+    children = tmp_path / "runs" / "smoke" / "05_gkd" / "children"
+    assert len(list(children.glob("*/gkd.json"))) >= 4
+    with pytest.raises(KeyboardInterrupt):
+        gkd.run(cfg.replace(force=True), stop_after=1)  # interrupted during the first child
+    assert not list(children.glob("*/gkd.json"))  # nothing finished survived the forced rerun

@@ -309,4 +309,4 @@ def test_notebook_03_runs_headless(stage, tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # heatmap, BLD vs init, interactions
+    assert len(images) == 4  # heatmap, score ranges per variant, BLD vs init, interactions

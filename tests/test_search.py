@@ -494,6 +494,6 @@ def test_notebook_04_runs_headless(stages, tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # architecture per layer + Pareto front
+    assert len(images) == 5  # architecture, Pareto front; exercises: 1.5x architecture, metric + diversity comparisons
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "fallback reason" in text and "No child in the library meets the budget" in text
