@@ -1,4 +1,4 @@
-"""Run configuration: one `RunConfig` dataclass, named `PRESETS`, load / save / hash.
+"""Run configuration: one `RunConfig` dataclass, its stage tags, load / save / hash.
 
 What it does: holds every knob of a run. Each field is defaulted, commented, and tagged with the
 *stage whose cached artifacts it affects* (`metadata={"stage": ...}`), so that
@@ -12,13 +12,16 @@ Stage tags:
                          every stage downstream of it)
 
 Reads: nothing, except a JSON file in `RunConfig.load`. Writes: a JSON file in `cfg.save`.
-Leaves out: what the fields *mean* to the algorithms (each stage module reads its own fields),
-and whether a local corpus path exists (that depends on the working directory the notebooks run
-in; `data.py` checks it, and the runner checks it before starting any notebook).
+Leaves out: the named presets (`presets.py`), the per-field type coercion and range checks
+(`validation.py`), what the fields *mean* to the algorithms (each stage module reads its own
+fields), and whether a local corpus path exists (that depends on the working directory the
+notebooks run in; `data.py` checks it, and the runner checks it before starting any notebook).
+`PRESETS`, `MIN_VOCAB_SIZE` and `RUN_NAME_PATTERN` are re-exported here, so
+`from puzzlelib.config import PRESETS` keeps working.
 
 Adding a field is one line in `RunConfig`, e.g.
     bld_lr: float = _f(3e-4, "02_bld")  # AdamW peak learning rate for each (layer, variant) job
-plus, if it has a valid range, one line in `_range_errors`.
+plus, if it has a valid range, one line in `_range_errors` (`validation.py`).
 
 Strings from the command line (`--set key=value`) are converted by `parse_set_args` to the field's
 type. Booleans there accept true/false, yes/no, on/off, 1/0 (any case). Values given in Python or
@@ -27,16 +30,23 @@ for a bool field is refused, because in Python it would silently be truthy.
 """
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .presets import PRESETS
+from .validation import (  # noqa: F401  (the two constants are re-exported, unused here)
+    MIN_VOCAB_SIZE,
+    RUN_NAME_PATTERN,
+    _coerce,
+    _range_errors,
+    _suggest,
+    _type_word,
+    _unwrap,
+)
 
 # The pipeline stages in execution order; rundir.py re-exports this as STAGES.
 PIPELINE_STAGES = (
@@ -45,12 +55,6 @@ PIPELINE_STAGES = (
 STAGE_TAGS = ("run", "data", *PIPELINE_STAGES)
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
-# A byte-level BPE needs its 256 byte tokens plus the special tokens data.py adds (a handful:
-# end-of-text, padding, ...); 8 slots of headroom keeps the check independent of the exact list.
-MIN_VOCAB_SIZE = 256 + 8
-# run_name becomes a directory under runs/ and reports/: no separators, no leading dot (so no
-# "..", no hidden folders), short enough for every filesystem.
-RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _TRUE = {"true", "yes", "on", "1", "y", "t"}
 _FALSE = {"false", "no", "off", "0", "n", "f"}
 
@@ -330,62 +334,6 @@ class RunConfig:
         return "\n".join(lines)
 
 
-# ---- presets: overrides on the defaults above ---------------------------------------------------
-PRESETS: dict[str, dict[str, Any]] = {
-    # CI and tests: the whole pipeline in a few minutes on 2 CPU cores. The ~0.23M-parameter
-    # parent trains at ~57k tok/s in fp32 on 2 cores (bf16 autocast is *slower* at this size),
-    # so 2M tokens (~980 steps) is ~35 s here and under a minute on a slower machine.
-    "smoke": dict(
-        # One thread: this model's matrices are too small to gain from two, and a second thread
-        # spinning against any other busy process makes every step several times slower.
-        threads=1,
-        corpus_max_bytes=1_500_000, tokenizer_train_bytes=500_000, vocab_size=512, seq_len=64,
-        parent_hidden_size=64, parent_num_layers=4, parent_num_heads=4, parent_num_kv_heads=2,
-        parent_intermediate_size=192, parent_train_tokens=2_000_000, parent_batch_size=32,
-        parent_lr=3e-3, parent_warmup_steps=30, parent_autocast_bf16=False,
-        parent_eval_every=100, parent_eval_tokens=16_384, parent_checkpoint_every=200,
-        # 01_profiling in seconds: small scenarios, few repeats, a handful of children.
-        profile_batch_sizes="1,4", profile_prompt_len=32, profile_gen_len=16, profile_warmup=1,
-        profile_repeats=5, profile_num_random_children=4, profile_clock="cpu",
-        # 02_bld: a smaller FFN menu, 64k tokens per block (64 steps of 16x64): 44 blocks in
-        # ~8 s on one core. 5e-3 beat 2e-3 and 1e-3 on every variant at this budget.
-        bld_ffn_fractions="1.0,0.75,0.5,0.25,0.1", bld_tokens_per_variant=65_536,
-        bld_batch_size=16, bld_lr=5e-3, bld_calib_tokens=16_384, bld_eval_tokens=8_192,
-        bld_eval_every=8, bld_autocast_bf16=False,
-        # 05_gkd: a few steps per child, fp32 (bf16 autocast is slower at this size).
-        gkd_tokens=32_768, gkd_batch_size=16, gkd_lr=1e-3, gkd_autocast_bf16=False,
-        gkd_eval_every=8, gkd_eval_tokens=4_096, gkd_checkpoint_every=8, gkd_ablation_tokens=16_384,
-        # 03_scoring: 72 candidates x 4096 tokens in ~5 s on one core.
-        scoring_interaction_children=6, scoring_naive_check=4,
-        # 06_evaluation in seconds: few samples, short contexts (seq_len 64), two speed rounds.
-        eval_next_line_samples=48, eval_name_samples=48, eval_bpb_chunks=8, eval_bpb_chunk_bytes=512,
-        eval_context_lines=4, eval_speed_rounds=2, eval_bootstrap=200,
-    ),
-    # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
-    # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
-    # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
-    # the laptop or the shared workshop server runs meanwhile (see notebook 01).
-    "default": dict(profile_clock="cpu"),
-    # A real Llama parent on one GPU. Needs network access (or a populated HF cache) for the
-    # parent and the dataset; the parent_* shape/training fields do not apply.
-    "gpu-llama-3.2-1b": dict(
-        parent="meta-llama/Llama-3.2-1B", device="cuda", dtype="bfloat16", seq_len=2048,
-        corpus="hf:HuggingFaceFW/fineweb-edu:sample-10BT", corpus_max_bytes=1_000_000_000,
-        # 16 sequences of 2048; batches of 2 keep the fp32 log-softmax over 128k tokens small.
-        scoring_tokens=32_768, scoring_batch_size=2,
-        profile_batch_sizes="1,16", profile_prompt_len=512, profile_gen_len=256,
-        profile_repeats=20,
-        eval_next_line_samples=1000, eval_name_samples=1000, eval_bpb_chunks=200, eval_bpb_chunk_bytes=4096,
-        eval_context_lines=12, eval_batch_size=32, eval_before_gkd="mip",
-        eval_hf_tasks="mmlu,hellaswag,arc_easy",
-        # 02_bld: 2M tokens per block (128 steps of 8x2048); the three activation streams take
-        # 3 x 2M x 2048 x 2 B = 24 GB of GPU memory (set bld_activations_on_disk=true if short).
-        bld_tokens_per_variant=2_097_152, bld_batch_size=8, bld_lr=2e-4, bld_eval_every=32,
-        bld_calib_tokens=1_048_576, bld_eval_tokens=131_072,
-    ),
-}
-
-
 # ---- command-line values ------------------------------------------------------------------------
 def project_root(cwd: Path | None = None) -> Path:
     """The folder that relative paths in a config (``runs_root``, ``reports_root``, a local corpus or
@@ -448,256 +396,9 @@ def _parse_text(text: str, base: type) -> Any:
     return text
 
 
-# ---- validation helpers -------------------------------------------------------------------------
+# ---- field types and key / stage checks ---------------------------------------------------------
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(RunConfig)
-
-
-def _unwrap(hint: Any) -> tuple[type, bool]:
-    """`int | None` -> (int, True); `int` -> (int, False)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def _type_word(base: type) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        base, base.__name__)
-
-
-def _coerce(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
-    base, optional = _unwrap(hint)
-    if value is None and optional:
-        return None, None
-    bad = f"{name} expects {_type_word(base)}, got {value!r} ({type(value).__name__})"
-    if base is bool:
-        return (value, None) if isinstance(value, bool) else (None, bad)
-    if isinstance(value, bool):  # bool is an int subclass; True is not a seq_len
-        return None, bad
-    if base is int:
-        if isinstance(value, int):
-            return value, None
-        if isinstance(value, float) and value.is_integer():
-            return int(value), None
-        return None, bad
-    if base is float:
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value), None
-        return None, bad
-    if base is str:
-        return (value, None) if isinstance(value, str) else (None, bad)
-    raise TypeError(f"RunConfig.{name}: unsupported field type {hint!r}; extend _coerce")
-
-
-def _range_errors(c: RunConfig) -> list[str]:
-    """Every out-of-range value, each with the fix. Checked after types are known good."""
-    e: list[str] = []
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            e.append(msg)
-
-    for f in dataclasses.fields(c):
-        choices = f.metadata.get("choices")
-        value = getattr(c, f.name)
-        if choices and value not in choices:
-            e.append(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                     f"{_suggest(str(value), choices)}")
-    need(re.fullmatch(RUN_NAME_PATTERN, c.run_name) is not None,
-         f"run_name {c.run_name!r} is not a safe folder name: use 1-64 of A-Z a-z 0-9 . _ - "
-         "starting with a letter or digit (no '/', no spaces), e.g. run_name='smoke-2'")
-    need(c.preset in PRESETS, f"preset {c.preset!r} is unknown{_suggest(c.preset, PRESETS)}; "
-         f"available presets: {', '.join(PRESETS)}")
-    need(bool(c.runs_root.strip()), "runs_root must not be empty (default 'runs')")
-    need(bool(c.reports_root.strip()), "reports_root must not be empty (default 'reports')")
-    need(0 <= c.seed < 2**32, f"seed must be in [0, 2**32) (numpy's limit), got {c.seed}")
-    need(c.threads >= 0, f"threads must be >= 0 (0 = torch default), got {c.threads}")
-    e += _corpus_errors(c.corpus)
-    need(c.corpus_max_bytes > 0, f"corpus_max_bytes must be > 0, got {c.corpus_max_bytes}")
-    need(c.tokenizer_train_bytes > 0,
-         f"tokenizer_train_bytes must be > 0, got {c.tokenizer_train_bytes}")
-    need(0 < c.heldout_fraction < 1,
-         f"heldout_fraction must be strictly between 0 and 1, got {c.heldout_fraction} (e.g. 0.05)")
-    need(c.vocab_size >= MIN_VOCAB_SIZE, f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 byte tokens "
-         f"+ special tokens), got {c.vocab_size}")
-    need(c.seq_len >= 2,
-         f"seq_len must be >= 2 (an input and a next-token target), got {c.seq_len}")
-    need(bool(c.parent.strip()), "parent must be 'embedded', a local HF directory or a hub id")
-    for name in ("gkd_tokens", "gkd_batch_size", "gkd_grad_accum", "gkd_ablation_tokens", "gkd_eval_tokens"):
-        need(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)} (the GKD budget is in "
-             "tokens per child, e.g. gkd_tokens=262144)")
-    need(c.gkd_lr > 0, f"gkd_lr must be > 0, got {c.gkd_lr}")
-    need(min(c.gkd_cos_weight, c.gkd_kl_weight, c.gkd_lm_weight) >= 0
-         and c.gkd_cos_weight + c.gkd_kl_weight + c.gkd_lm_weight > 0,
-         "gkd_cos_weight, gkd_kl_weight and gkd_lm_weight must be >= 0 and not all 0")
-    need(c.gkd_batch_size % max(c.gkd_grad_accum, 1) == 0,
-         f"gkd_batch_size ({c.gkd_batch_size}) must be divisible by gkd_grad_accum ({c.gkd_grad_accum})")
-    for name in ("parent_hidden_size", "parent_num_layers", "parent_num_heads",
-                 "parent_num_kv_heads", "parent_intermediate_size", "parent_batch_size",
-                 "parent_eval_every", "parent_eval_tokens"):
-        need(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)}")
-    if c.parent_num_heads > 0 and c.parent_num_kv_heads > 0:
-        need(c.parent_num_heads % c.parent_num_kv_heads == 0,
-             f"parent_num_heads ({c.parent_num_heads}) must be a multiple of parent_num_kv_heads "
-             f"({c.parent_num_kv_heads}): GQA shares each KV head by a whole group of query heads")
-    if c.parent_num_heads > 0 and c.parent_hidden_size > 0:
-        head_dim, rem = divmod(c.parent_hidden_size, c.parent_num_heads)
-        need(rem == 0, f"parent_hidden_size ({c.parent_hidden_size}) must be divisible by "
-             f"parent_num_heads ({c.parent_num_heads})")
-        need(rem != 0 or head_dim % 2 == 0, f"head dim parent_hidden_size/parent_num_heads = "
-             f"{head_dim} must be even (rotary embeddings rotate pairs of channels)")
-    if c.parent == "embedded":
-        step_tokens = c.parent_batch_size * c.seq_len
-        need(c.parent_train_tokens >= step_tokens,
-             f"parent_train_tokens ({c.parent_train_tokens}) must cover at least one step of "
-             f"parent_batch_size*seq_len = {step_tokens} tokens")
-    need(c.parent_lr > 0, f"parent_lr must be > 0, got {c.parent_lr}")
-    need(0 <= c.parent_min_lr_ratio <= 1,
-         f"parent_min_lr_ratio must be in [0, 1], got {c.parent_min_lr_ratio}")
-    for name in ("parent_warmup_steps", "parent_weight_decay", "parent_grad_clip"):
-        need(getattr(c, name) >= 0, f"{name} must be >= 0, got {getattr(c, name)}")
-    need(c.parent_checkpoint_every >= 0,
-         f"parent_checkpoint_every must be >= 0 (0 = never), got {c.parent_checkpoint_every}")
-    need(re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", c.profile_batch_sizes) is not None,
-         f"profile_batch_sizes must be comma-separated batch sizes >= 1, e.g. '1,8', got "
-         f"{c.profile_batch_sizes!r}")
-    for name in ("profile_prompt_len", "profile_gen_len", "profile_repeats",
-                 "profile_num_random_children"):
-        need(getattr(c, name) >= 1, f"{name} must be >= 1, got {getattr(c, name)}")
-    need(c.profile_warmup >= 0, f"profile_warmup must be >= 0, got {c.profile_warmup}")
-    e += _bld_errors(c)
-    need(c.scoring_tokens >= c.seq_len, f"scoring_tokens must cover at least one sequence of "
-         f"seq_len = {c.seq_len} tokens, got {c.scoring_tokens} (e.g. {max(4096, c.seq_len)})")
-    need(c.scoring_batch_size >= 1, f"scoring_batch_size must be >= 1, got {c.scoring_batch_size}")
-    need(c.scoring_interaction_children == 0 or c.scoring_interaction_children >= 3,
-         f"scoring_interaction_children must be 0 (skip) or >= 3 (a correlation needs 3 points), "
-         f"got {c.scoring_interaction_children}")
-    need(0 <= c.scoring_interaction_seed < 2**32,
-         f"scoring_interaction_seed must be in [0, 2**32), got {c.scoring_interaction_seed}")
-    need(c.scoring_naive_check >= 0, f"scoring_naive_check must be >= 0, got {c.scoring_naive_check}")
-    e += _search_errors(c)
-    e += _eval_errors(c)
-    return e
-
-
-def _eval_errors(c: RunConfig) -> list[str]:
-    """06_evaluation's checks (whether the held-out split has enough text is checked by tasks.py)."""
-    e = [f"{n} must be >= 1, got {getattr(c, n)}" for n in (
-        "eval_next_line_samples", "eval_name_samples", "eval_bpb_chunks", "eval_batch_size",
-        "eval_speed_rounds", "eval_calibration_bins") if getattr(c, n) < 1]
-    e += [f"{n} must be >= 0, got {getattr(c, n)}" for n in ("eval_hf_limit", "eval_speed_warmup", "eval_bootstrap")
-          if getattr(c, n) < 0]
-    if c.eval_bpb_chunk_bytes < 64:
-        e.append(f"eval_bpb_chunk_bytes must be >= 64 (a few lines), got {c.eval_bpb_chunk_bytes}")
-    if c.eval_context_lines < 2:
-        e.append(f"eval_context_lines must be >= 2 (a context needs two non-blank lines), got {c.eval_context_lines}")
-    return e
-
-
-def _search_errors(c: RunConfig) -> list[str]:
-    """04_search's checks (budgets against the cost table are checked by search.py)."""
-    e = []
-    for name in ("search_speedup", "search_min_tokens_per_s", "search_max_latency_ms",
-                 "search_max_memory_mib", "search_max_params_ratio"):
-        if getattr(c, name) < 0:
-            e.append(f"{name} must be >= 0 (0 switches that budget off), got {getattr(c, name)}")
-    for name, text, kind in (("search_batch_sizes", c.search_batch_sizes, int),
-                             ("search_pareto_speedups", c.search_pareto_speedups, float)):
-        try:
-            vals = [kind(t) for t in text.replace(" ", "").split(",") if t]
-            if any(v <= 0 for v in vals):
-                raise ValueError
-        except ValueError:
-            e.append(f"{name} must be comma-separated positive numbers like '1,8', got {text!r}")
-    if c.search_num_solutions < 1:
-        e.append(f"search_num_solutions must be >= 1, got {c.search_num_solutions}")
-    if not 0 < c.search_min_diff_fraction <= 1:
-        e.append(f"search_min_diff_fraction must be in (0, 1], got {c.search_min_diff_fraction} (e.g. 0.2)")
-    if c.search_time_limit_s <= 0:
-        e.append(f"search_time_limit_s must be > 0, got {c.search_time_limit_s}")
-    if not 0 <= c.search_mip_gap < 1:
-        e.append(f"search_mip_gap must be in [0, 1), got {c.search_mip_gap} (e.g. 1e-6)")
-    if c.search_influence_tokens < c.seq_len:
-        e.append(f"search_influence_tokens must cover one sequence of seq_len = {c.seq_len} tokens, "
-                 f"got {c.search_influence_tokens}")
-    if c.search_random_tries < 0:
-        e.append(f"search_random_tries must be >= 0, got {c.search_random_tries}")
-    return e
-
-
-def _bld_errors(c: RunConfig) -> list[str]:
-    """02_bld's checks that need no parent (bld.plan checks the rest against the parent)."""
-    e = []
-    for name in ("bld_tokens_per_variant", "bld_batch_size", "bld_calib_tokens", "bld_eval_tokens"):
-        if getattr(c, name) <= 0:
-            e.append(f"{name} must be > 0, got {getattr(c, name)}"
-                     + (" (every trained block needs a token budget, e.g. 262144)"
-                        if name == "bld_tokens_per_variant" else ""))
-    for name in ("bld_warmup_steps", "bld_weight_decay", "bld_grad_clip", "bld_eval_every"):
-        if getattr(c, name) < 0:
-            e.append(f"{name} must be >= 0, got {getattr(c, name)}")
-    if not c.bld_lr > 0:
-        e.append(f"bld_lr must be > 0, got {c.bld_lr}")
-    if not 0 <= c.bld_min_lr_ratio <= 1:
-        e.append(f"bld_min_lr_ratio must be in [0, 1], got {c.bld_min_lr_ratio}")
-    items = lambda s: [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
-    kv = [] if c.bld_kv_heads.strip() == "auto" else items(c.bld_kv_heads)
-    if not all(t.isdigit() and int(t) > 0 for t in kv):
-        e.append(f"bld_kv_heads must be 'auto' or comma-separated KV-head counts >= 1, e.g. "
-                 f"'2,1', got {c.bld_kv_heads!r}")
-    elif c.parent == "embedded" and c.parent_num_heads > 0:
-        # The embedded parent's head count is known here; an HF parent's is checked by bld.plan.
-        h = c.parent_num_heads
-        bad = [t for t in kv if h % int(t)]
-        if bad:
-            e.append(f"bld_kv_heads={c.bld_kv_heads!r}: {', '.join(bad)} does not divide "
-                     f"parent_num_heads={h} (GQA shares each KV head by a whole group of query "
-                     f"heads); use divisors of {h}: {[d for d in range(1, h + 1) if h % d == 0]}")
-    try:
-        fr = [float(t) for t in items(c.bld_ffn_fractions)]
-        if not all(0 < f <= 1 for f in fr):
-            raise ValueError
-    except ValueError:
-        fr = []
-        e.append(f"bld_ffn_fractions must be comma-separated fractions in (0, 1], e.g. "
-                 f"'1.0,0.5,0.25', got {c.bld_ffn_fractions!r}")
-    pairs = items(c.bld_coupled_pairs)
-    if not all(re.fullmatch(r"attn:[a-z0-9.]+\+ffn:[a-z0-9.]+", p) for p in pairs):
-        e.append(f"bld_coupled_pairs must be comma-separated 'attn:<variant>+ffn:<variant>' "
-                 f"pairs, e.g. 'attn:kv1+ffn:0.50', got {c.bld_coupled_pairs!r}")
-    if (c.bld_kv_heads.strip() != "auto" and not kv and not [f for f in fr if f < 1]
-            and not c.bld_include_linear and not c.bld_include_noop and not pairs):
-        e.append("the BLD variant list is empty (bld_kv_heads, bld_ffn_fractions, "
-                 "bld_include_linear, bld_include_noop, bld_coupled_pairs select nothing but the "
-                 "parent's own sub-blocks): select at least one variant, e.g. bld_kv_heads='auto'")
-    return e
-
-
-def _corpus_errors(corpus: str) -> list[str]:
-    if corpus == "stdlib":
-        return []
-    if corpus.startswith("hf:"):
-        parts = corpus[3:].split(":")
-        if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
-            return [f"corpus {corpus!r}: write a Hugging Face dataset as 'hf:<dataset>' or "
-                    "'hf:<dataset>:<config>', e.g. 'hf:wikitext:wikitext-103-raw-v1'"]
-        return []
-    if not corpus.strip():
-        return ["corpus must not be empty: use 'stdlib', a .txt/.jsonl file or folder, "
-                "or 'hf:<dataset>'"]
-    suffix = Path(corpus).suffix.lower()
-    # No suffix: a folder (data.py reports a missing one). A suffix other than .txt/.jsonl on
-    # something that is not an existing folder is almost surely an unsupported file type.
-    if suffix and suffix not in (".txt", ".jsonl") and not Path(corpus).is_dir():
-        return [f"corpus {corpus!r}: local corpora must be a .txt or .jsonl file (jsonl: one "
-                "{\"text\": ...} per line) or a folder of them"]
-    return []
-
-
-def _suggest(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_keys(keys: Any, where: str) -> None:

@@ -1,0 +1,69 @@
+"""The named run presets: overrides on the `RunConfig` defaults (`config.py`).
+
+What it does: `PRESETS[name]` is a plain dict of field -> value that `RunConfig.from_preset(name)`
+lays over the dataclass defaults (and under the caller's overrides). Each preset's comments say
+why its values were chosen, with the timings they were sized by.
+
+Reads: nothing. Writes: nothing.
+Leaves out: the fields themselves, their defaults and their stage tags (`config.py`), and the
+checks on the values (`validation.py`; a preset is validated like any other config when
+`RunConfig.from_preset` builds it). Imports nothing from the package, so `config.py` and
+`validation.py` can both import it without a cycle.
+"""
+
+from typing import Any
+
+# ---- presets: overrides on the defaults above ---------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # CI and tests: the whole pipeline in a few minutes on 2 CPU cores. The ~0.23M-parameter
+    # parent trains at ~57k tok/s in fp32 on 2 cores (bf16 autocast is *slower* at this size),
+    # so 2M tokens (~980 steps) is ~35 s here and under a minute on a slower machine.
+    "smoke": dict(
+        # One thread: this model's matrices are too small to gain from two, and a second thread
+        # spinning against any other busy process makes every step several times slower.
+        threads=1,
+        corpus_max_bytes=1_500_000, tokenizer_train_bytes=500_000, vocab_size=512, seq_len=64,
+        parent_hidden_size=64, parent_num_layers=4, parent_num_heads=4, parent_num_kv_heads=2,
+        parent_intermediate_size=192, parent_train_tokens=2_000_000, parent_batch_size=32,
+        parent_lr=3e-3, parent_warmup_steps=30, parent_autocast_bf16=False,
+        parent_eval_every=100, parent_eval_tokens=16_384, parent_checkpoint_every=200,
+        # 01_profiling in seconds: small scenarios, few repeats, a handful of children.
+        profile_batch_sizes="1,4", profile_prompt_len=32, profile_gen_len=16, profile_warmup=1,
+        profile_repeats=5, profile_num_random_children=4, profile_clock="cpu",
+        # 02_bld: a smaller FFN menu, 64k tokens per block (64 steps of 16x64): 44 blocks in
+        # ~8 s on one core. 5e-3 beat 2e-3 and 1e-3 on every variant at this budget.
+        bld_ffn_fractions="1.0,0.75,0.5,0.25,0.1", bld_tokens_per_variant=65_536,
+        bld_batch_size=16, bld_lr=5e-3, bld_calib_tokens=16_384, bld_eval_tokens=8_192,
+        bld_eval_every=8, bld_autocast_bf16=False,
+        # 05_gkd: a few steps per child, fp32 (bf16 autocast is slower at this size).
+        gkd_tokens=32_768, gkd_batch_size=16, gkd_lr=1e-3, gkd_autocast_bf16=False,
+        gkd_eval_every=8, gkd_eval_tokens=4_096, gkd_checkpoint_every=8, gkd_ablation_tokens=16_384,
+        # 03_scoring: 72 candidates x 4096 tokens in ~5 s on one core.
+        scoring_interaction_children=6, scoring_naive_check=4,
+        # 06_evaluation in seconds: few samples, short contexts (seq_len 64), two speed rounds.
+        eval_next_line_samples=48, eval_name_samples=48, eval_bpb_chunks=8, eval_bpb_chunk_bytes=512,
+        eval_context_lines=4, eval_speed_rounds=2, eval_bootstrap=200,
+    ),
+    # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
+    # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
+    # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
+    # the laptop or the shared workshop server runs meanwhile (see notebook 01).
+    "default": dict(profile_clock="cpu"),
+    # A real Llama parent on one GPU. Needs network access (or a populated HF cache) for the
+    # parent and the dataset; the parent_* shape/training fields do not apply.
+    "gpu-llama-3.2-1b": dict(
+        parent="meta-llama/Llama-3.2-1B", device="cuda", dtype="bfloat16", seq_len=2048,
+        corpus="hf:HuggingFaceFW/fineweb-edu:sample-10BT", corpus_max_bytes=1_000_000_000,
+        # 16 sequences of 2048; batches of 2 keep the fp32 log-softmax over 128k tokens small.
+        scoring_tokens=32_768, scoring_batch_size=2,
+        profile_batch_sizes="1,16", profile_prompt_len=512, profile_gen_len=256,
+        profile_repeats=20,
+        eval_next_line_samples=1000, eval_name_samples=1000, eval_bpb_chunks=200, eval_bpb_chunk_bytes=4096,
+        eval_context_lines=12, eval_batch_size=32, eval_before_gkd="mip",
+        eval_hf_tasks="mmlu,hellaswag,arc_easy",
+        # 02_bld: 2M tokens per block (128 steps of 8x2048); the three activation streams take
+        # 3 x 2M x 2048 x 2 B = 24 GB of GPU memory (set bld_activations_on_disk=true if short).
+        bld_tokens_per_variant=2_097_152, bld_batch_size=8, bld_lr=2e-4, bld_eval_every=32,
+        bld_calib_tokens=1_048_576, bld_eval_tokens=131_072,
+    ),
+}
