@@ -55,455 +55,47 @@ Writes ``runs/<run>/02_bld/``: ``library/`` (see ``library.py``), ``metrics.json
 before/after per variant; deterministic), ``timing.json`` (seconds, tokens/s; machine-dependent).
 Leaves out: training blocks on anything but the parent's activations (the paper's BLD), and
 multi-node launch details (torchrun's own flags handle them).
+
+Code layout: the job plan (``BLDSettings``, ``Job``, ``plan``, ``assign``, ``BLDError``) is in
+``bld_plan.py``; the parent's streamed activations and the training of one block (``Streams``,
+``ParentStreamer``, ``train_block``, ``train_blocks``, ``nmse``) are in ``bld_train.py``. This
+module holds the stage's entry points (``run``, ``load``, ``main``) and its metrics, and
+re-exports those modules' public names, so ``bld.plan`` or ``bld.train_blocks`` keep working.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 import zlib
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import data
 from . import parent as parent_stage
-from .blocks import Variant, VariantError, ffn_channel_scores, init_variant, list_library, parse_variant
+from .bld_plan import STAGE, BLDError, BLDSettings, Job, assign, plan
+
+# Re-exported (hence noqa: F401): notebooks, tests and benchmarks use these as ``bld.<name>``.
+from .bld_train import (  # noqa: F401
+    ParentStreamer,
+    Streams,
+    block_tensors,
+    evaluate,
+    job_module,
+    nmse,
+    sub_out,
+    train_block,
+    train_blocks,
+)
+from .blocks import ffn_channel_scores
 from .config import RunConfig
 from .distributed import Dist, stage_main
-from .library import Library, LibraryMismatch, pair_name, parent_fingerprint, split_pair_name
-from .model import PuzzleConfig, child_config
-from .modeling_decilm import PuzzleDecoderLayer
-from .parent import lr_at, make_optimizer
+from .library import Library, LibraryMismatch, parent_fingerprint
 from .rundir import RunDir, atomic_write_json
-
-STAGE = "02_bld"
-
-
-class BLDError(ValueError):
-    """BLD cannot run with these settings; the message says what to change."""
-
-
-# ----------------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class BLDSettings:
-    """Everything that determines the trained blocks (recorded in the library's index)."""
-
-    tokens_per_variant: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    min_lr_ratio: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    eval_tokens: int
-    eval_every: int
-    calib_tokens: int
-    autocast_bf16: bool
-    seed: int
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> "BLDSettings":
-        if cfg.bld_tokens_per_variant <= 0:
-            raise BLDError(f"bld_tokens_per_variant must be > 0, got {cfg.bld_tokens_per_variant}")
-        return cls(cfg.bld_tokens_per_variant, cfg.bld_batch_size, cfg.seq_len, cfg.bld_lr,
-                   cfg.bld_min_lr_ratio, cfg.bld_warmup_steps, cfg.bld_weight_decay,
-                   cfg.bld_grad_clip, cfg.bld_eval_tokens, cfg.bld_eval_every,
-                   cfg.bld_calib_tokens, cfg.bld_autocast_bf16, cfg.seed)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps per trained block: the budget rounded up to whole batches."""
-        return max(1, math.ceil(self.tokens_per_variant / self.tokens_per_step))
-
-    @property
-    def data_seed(self) -> int:
-        """Seed of BLD's batch stream: its own, so BLD does not replay the parent's batches."""
-        return zlib.crc32(f"{STAGE}:batches:{self.seed}".encode())
-
-
-# --------------------------------------------------------------------------------------- plan
-
-@dataclass(frozen=True)
-class Job:
-    """One (layer, variant) block to build. ``kind``: attn | ffn | pair (coupled)."""
-
-    layer: int
-    name: str
-    kind: str
-    variants: tuple[Variant, ...]
-    trained: bool
-    why_not_trained: str | None = None
-
-    def seed(self, base: int) -> int:
-        """Stable per-job seed (zlib.crc32, not hash(): that changes per process)."""
-        return zlib.crc32(f"{base}:{self.layer}:{self.name}".encode())
-
-    def cost(self, pc: PuzzleConfig, seq_len: int) -> float:
-        """Rough training FLOPs per token (for load balancing only)."""
-        h, hd, H = pc.hidden_size, pc.head_dim, pc.num_attention_heads
-        total = 0.0
-        for v in self.variants:
-            if v.op == "gqa":
-                total += 2 * h * H * hd + 2 * h * v.kv_heads * hd + 2 * H * hd * seq_len / 2
-            elif v.op == "swiglu":
-                total += 3 * h * v.width(pc, self.layer)
-            elif v.op == "linear":
-                total += h * h
-        return (3 * total if self.trained else total) + h  # + evaluation / bookkeeping
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def plan(pc: PuzzleConfig, cfg: RunConfig) -> tuple[dict[str, list[str]], list[Job]]:
-    """The library's variants ``{"attn": [...], "ffn": [...], "pairs": [...]}`` and its jobs, in
-    order (layer, then attention, FFN, coupled). The parent's own sub-blocks are always included."""
-    pkv = pc.kv_heads(0)
-    try:
-        kv = None if cfg.bld_kv_heads.strip() == "auto" else [int(x) for x in _split(cfg.bld_kv_heads)]
-        fr = [float(x) for x in _split(cfg.bld_ffn_fractions)]
-    except ValueError:
-        raise BLDError(f"bld_kv_heads={cfg.bld_kv_heads!r} / bld_ffn_fractions="
-                       f"{cfg.bld_ffn_fractions!r}: write comma-separated numbers, e.g. '2,1' and "
-                       "'1.0,0.5,0.25'") from None
-    if kv is not None:
-        kv = sorted(set(kv) | {pkv}, reverse=True)
-    try:
-        lib = list_library(pc, kv, tuple(sorted(set(fr) | {1.0}, reverse=True)),
-                           cfg.bld_include_linear, cfg.bld_include_noop)
-    except VariantError as e:  # name the setting to change, not only the variant
-        raise BLDError(f"bld_kv_heads={cfg.bld_kv_heads!r} / bld_ffn_fractions="
-                       f"{cfg.bld_ffn_fractions!r}: {e}") from None
-    try:
-        pairs = []
-        for p in _split(cfg.bld_coupled_pairs):
-            names = split_pair_name(p)
-            if names is None:
-                raise VariantError(f"coupled pair {p!r}: write it as 'attn:<variant>+ffn:<variant>'")
-            a, f = parse_variant(names[0], pc), parse_variant(names[1], pc)
-            if a.kind != "attn" or f.kind != "ffn":
-                raise VariantError(f"coupled pair {p!r}: the attention variant comes first, "
-                                   "e.g. 'attn:kv1+ffn:0.50'")
-            pairs.append((a, f))
-    except VariantError as e:
-        raise BLDError(f"bld_coupled_pairs={cfg.bld_coupled_pairs!r}: {e}") from None
-    variants = {"attn": [v.name for v in lib["attn"]], "ffn": [v.name for v in lib["ffn"]],
-                "pairs": [pair_name(a.name, f.name) for a, f in pairs]}
-    jobs = []
-    for i in range(pc.num_hidden_layers):
-        for v in lib["attn"] + lib["ffn"]:
-            why = ("the parent's own sub-block" if v.is_parent(pc, i)
-                   else "a no-op has no weights" if v.op == "noop" else None)
-            jobs.append(Job(i, v.name, v.kind, (v,), why is None, why))
-        for a, f in pairs:
-            trained = not (a.op == f.op == "noop") and not (a.is_parent(pc, i) and f.is_parent(pc, i))
-            jobs.append(Job(i, pair_name(a.name, f.name), "pair", (a, f), trained,
-                            None if trained else "nothing to train in this pair"))
-    if not any(j.trained for j in jobs) and not any(v.op == "noop" for v in lib["attn"] + lib["ffn"]):
-        raise BLDError(
-            "the variant list is empty: the library would hold only the parent's own sub-blocks. "
-            "Set bld_kv_heads (e.g. 'auto' or '2,1'), bld_ffn_fractions (e.g. '1.0,0.5,0.25'), "
-            "bld_include_linear or bld_include_noop.")
-    return variants, jobs
-
-
-def assign(jobs: list[Job], world: int, pc: PuzzleConfig, seq_len: int) -> list[list[Job]]:
-    """Shard jobs over ranks: longest-processing-time first, ties broken by job order, so the
-    assignment is a pure function of (jobs, world). Each shard is returned in job order."""
-    order = sorted(range(len(jobs)), key=lambda k: (-jobs[k].cost(pc, seq_len), k))
-    load = [0.0] * world
-    shards: list[list[int]] = [[] for _ in range(world)]
-    for k in order:
-        r = min(range(world), key=lambda q: (load[q], q))
-        shards[r].append(k)
-        load[r] += jobs[k].cost(pc, seq_len)
-    return [[jobs[k] for k in sorted(s)] for s in shards]
-
-
-# ------------------------------------------------------------------------ modules and maths
-
-def job_module(parent: torch.nn.Module, job: Job,
-               channel_scores: dict[int, torch.Tensor] | None) -> PuzzleDecoderLayer:
-    """A standalone fp32 decoder layer holding only the job's sub-block(s) and pre-norm(s),
-    initialised from the parent; the other half of the layer is a no-op."""
-    pc: PuzzleConfig = parent.config
-    i = job.layer
-    bcs = [dict(b) for b in pc.block_configs]
-    halves = {"attn": Variant("attn", "noop"), "ffn": Variant("ffn", "noop")}
-    for v in job.variants:
-        halves[v.kind] = v
-    bcs[i] = {"attention": halves["attn"].block_config(pc, i), "ffn": halves["ffn"].block_config(pc, i)}
-    layer = PuzzleDecoderLayer(child_config(pc, bcs), i)
-    state = {}
-    for v in job.variants:
-        state.update(init_variant(parent, i, v, channel_scores))
-    layer.load_state_dict({k: t.float() for k, t in state.items()}, strict=True)
-    return layer.float()
-
-
-def sub_out(layer: PuzzleDecoderLayer, kind: str, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """What the sub-block adds to the residual stream (attention half, FFN half, or both)."""
-    if kind == "attn":
-        if layer.self_attn is None:
-            return torch.zeros_like(x)
-        return layer.self_attn(layer.input_layernorm(x), cos, sin, None, True, None)
-    if kind == "ffn":
-        if layer.mlp is None:
-            return torch.zeros_like(x)
-        return layer.mlp(layer.post_attention_layernorm(x))
-    a = sub_out(layer, "attn", x, cos, sin)
-    return a + sub_out(layer, "ffn", x + a, cos, sin)
-
-
-def nmse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ(out − target)² / Σ target² (fp32)."""
-    out, target = out.float(), target.float()
-    return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
-
-
-# ------------------------------------------------------------------ the parent's activations
-
-class Streams:
-    """Per-layer parent activations for a fixed list of batches: ``x`` (residual stream entering
-    the layer), ``attn`` and ``ffn`` (what the parent's sub-blocks add). Tensors [S, B, T, H] in
-    RAM / on the device, or memory-mapped files under ``disk_dir``."""
-
-    def __init__(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 disk_dir: Path | None = None):
-        self.n, self.disk_dir = n, disk_dir
-        self.device = device
-        full = (n, *shape)
-        if disk_dir is None:
-            self.x, self.attn, self.ffn = (torch.empty(full, dtype=dtype, device=device)
-                                           for _ in range(3))
-        else:
-            disk_dir.mkdir(parents=True, exist_ok=True)
-            numel = math.prod(full)
-            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-            tensors = []
-            for name in ("x", "attn", "ffn"):
-                path = disk_dir / f"{name}.bin"
-                with open(path, "wb") as f:
-                    f.truncate(nbytes)
-                t = torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
-                tensors.append(t.view(full))
-            self.x, self.attn, self.ffn = tensors
-
-    def get(self, k: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input, target) of batch k for a job of this kind, on the compute device."""
-        x = self.x[k].to(self.device, non_blocking=True)
-        a = self.attn[k].to(self.device, non_blocking=True)
-        if kind == "attn":
-            return x, a
-        f = self.ffn[k].to(self.device, non_blocking=True)
-        if kind == "ffn":
-            return x + a, f  # the same add the parent's attn_residual does
-        return x, a + f
-
-    def close(self) -> None:
-        if self.disk_dir is not None:
-            del self.x, self.attn, self.ffn
-            for name in ("x", "attn", "ffn"):
-                (self.disk_dir / f"{name}.bin").unlink(missing_ok=True)
-            try:
-                self.disk_dir.rmdir()
-            except OSError:
-                pass
-
-
-class ParentStreamer:
-    """Runs the parent one layer at a time over all training and all held-out batches."""
-
-    def __init__(self, parent, train_ids: list[torch.Tensor], eval_ids: list[torch.Tensor],
-                 device: torch.device, disk_dir: Path | None = None):
-        self.parent = parent
-        self.device = device
-        p = next(parent.parameters())
-        B, T = train_ids[0].shape
-        H = parent.config.hidden_size
-        self.train = Streams(len(train_ids), (B, T, H), p.dtype, device, disk_dir)
-        self.eval = [Streams(1, tuple(e.shape) + (H,), p.dtype, device) for e in eval_ids]
-        self.layer = -1  # the streams hold layer self.layer's inputs/outputs
-        self.seconds = 0.0
-        dummy = torch.zeros(1, T, H, dtype=p.dtype, device=device)
-        cos, sin, mask, causal = parent.model.attention_inputs(dummy)
-        assert mask is None and causal
-        self.cos, self.sin = cos, sin
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for k, ids in enumerate(train_ids):
-                self.train.x[k] = parent.model.embed_tokens(ids.to(device))
-            for s, ids in zip(self.eval, eval_ids):
-                s.x[0] = parent.model.embed_tokens(ids.to(device))
-        self.seconds += time.perf_counter() - t0
-
-    def rope(self, T: int):
-        return self.cos[:, :T], self.sin[:, :T]
-
-    @torch.no_grad()
-    def _layer_outputs(self, streams: Streams, i: int) -> None:
-        pl = self.parent.model.layers[i]
-        for k in range(streams.n):
-            x = streams.x[k].to(self.device)
-            cos, sin = self.rope(x.shape[-2])
-            a = sub_out(pl, "attn", x, cos, sin)
-            streams.attn[k] = a
-            streams.ffn[k] = sub_out(pl, "ffn", x + a, cos, sin)
-
-    @torch.no_grad()
-    def _advance(self, streams: Streams) -> None:
-        for k in range(streams.n):
-            # (x + a) + f: exactly the parent's attn_residual then ffn_residual.
-            x = streams.x[k].to(self.device)
-            streams.x[k] = (x + streams.attn[k].to(self.device)) + streams.ffn[k].to(self.device)
-
-    def goto(self, layer: int) -> None:
-        """Make the streams hold layer ``layer`` (only forward moves)."""
-        if layer < self.layer:
-            raise ValueError("ParentStreamer only moves forward")
-        t0 = time.perf_counter()
-        while self.layer < layer:
-            if self.layer >= 0:
-                for s in [self.train, *self.eval]:
-                    self._advance(s)
-            self.layer += 1
-            for s in [self.train, *self.eval]:
-                self._layer_outputs(s, self.layer)
-        self.seconds += time.perf_counter() - t0
-
-    def eval_set(self, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [s.get(0, kind) for s in self.eval]
-
-    def close(self) -> None:
-        self.train.close()
-
-
-# ------------------------------------------------------------------------------- one block
-
-@torch.no_grad()
-def evaluate(module, kind: str, eval_set, rope: Callable) -> float:
-    """Held-out normalized MSE over the whole eval set (ratio of sums, fp32, no autocast)."""
-    was = module.training
-    module.eval()
-    num = den = 0.0
-    for x, t in eval_set:
-        cos, sin = rope(x.shape[-2])
-        out = sub_out(module, kind, x.float(), cos.float(), sin.float())
-        num += (out - t.float()).pow(2).sum().item()
-        den += t.float().pow(2).sum().item()
-    module.train(was)
-    return num / max(den, 1e-30)
-
-
-def train_block(module, job: Job, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                eval_set, rope: Callable, s: BLDSettings, device: torch.device) -> dict:
-    """Train one block in place (if it is trainable); return its history and before/after nmse.
-
-    ``batch(step)`` gives (input, target) for step ``step``; every job gets the same steps.
-    """
-    torch.manual_seed(job.seed(s.seed))
-    module.to(device)
-    t0 = time.perf_counter()
-    init = evaluate(module, job.kind, eval_set, rope)
-    hist = {"step": [], "train_nmse": [], "lr": [], "eval_step": [0], "eval_nmse": [init]}
-    if job.trained:
-        opt = make_optimizer(module, s.lr, s.weight_decay)
-        module.train()
-        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if s.autocast_bf16 else nullcontext())
-        for step in range(s.steps):
-            lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, target = batch(step)
-            cos, sin = rope(x.shape[-2])
-            with amp:
-                out = sub_out(module, job.kind, x.float(), cos.float(), sin.float())
-            loss = nmse(out, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), s.grad_clip)
-            opt.step()
-            hist["step"].append(step)
-            hist["train_nmse"].append(loss.item())
-            hist["lr"].append(lr)
-            if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
-                hist["eval_step"].append(step + 1)
-                hist["eval_nmse"].append(evaluate(module, job.kind, eval_set, rope))
-        final = evaluate(module, job.kind, eval_set, rope)
-        hist["eval_step"].append(s.steps)
-        hist["eval_nmse"].append(final)
-    else:
-        final = init
-    module.eval()
-    return {"kind": job.kind, "ops": [v.op for v in job.variants], "trained": job.trained,
-            "why_not_trained": job.why_not_trained, "init_nmse": init, "final_nmse": final,
-            "steps": s.steps if job.trained else 0,
-            "tokens": s.steps * s.tokens_per_step if job.trained else 0,
-            "params": sum(p.numel() for p in module.parameters()),
-            "seconds": round(time.perf_counter() - t0, 4), "seed": job.seed(s.seed),
-            "tokens_per_step": s.tokens_per_step, "history": hist}
-
-
-def block_tensors(module: PuzzleDecoderLayer) -> dict[str, torch.Tensor]:
-    """The block's tensors, named relative to "model.layers.{i}." (as init_variant names them)."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def train_blocks(parent, lib: Library, jobs: list[Job], settings: BLDSettings,
-                 train_tokens: np.ndarray, held_tokens: np.ndarray, device: torch.device,
-                 disk_dir: Path | None = None, stop_after_jobs: int | None = None,
-                 progress: bool = True, desc: str = "BLD") -> dict:
-    """Train ``jobs`` (any subset of the library's, e.g. one rank's shard) with shared, streamed
-    parent activations and write each finished block to ``lib``. Jobs already in the library are
-    skipped. Returns timing counters for this call."""
-    pending = sorted((j for j in jobs if not lib.has(j.layer, j.name)), key=lambda j: j.layer)
-    stats = {"jobs_run": 0, "train_tokens": 0, "parent_seconds": 0.0, "seconds": 0.0}
-    if not pending:
-        return stats
-    t_start = time.perf_counter()
-    s = settings
-    scores = lib.channel_scores()
-    train_ids = [data.batch_at(train_tokens, s.batch_size, s.seq_len, s.data_seed, k)[0]
-                 for k in range(s.steps)]
-    eval_ids = [x for x, _ in data.heldout_batches(held_tokens, s.batch_size, s.seq_len, s.eval_tokens)]
-    streamer = ParentStreamer(parent, train_ids, eval_ids, device, disk_dir)
-    done_here = 0
-    try:
-        bar = tqdm(pending, desc=desc, unit="block", disable=not progress)
-        for job in bar:
-            streamer.goto(job.layer)
-            module = job_module(parent, job, scores)
-            rec = train_block(module, job, lambda k, kind=job.kind: streamer.train.get(k, kind),
-                              streamer.eval_set(job.kind), streamer.rope, s, device)
-            lib.write_block(job.layer, job.name, block_tensors(module), rec)
-            bar.set_postfix_str(f"L{job.layer} {job.name}: {rec['init_nmse']:.3g} -> "
-                                f"{rec['final_nmse']:.3g}")
-            stats["jobs_run"] += 1
-            stats["train_tokens"] += rec["tokens"]
-            done_here += 1
-            if stop_after_jobs is not None and done_here >= stop_after_jobs and job is not pending[-1]:
-                raise KeyboardInterrupt(f"stopped after {done_here} blocks (stop_after_jobs)")
-    finally:
-        streamer.close()
-        stats["parent_seconds"] = streamer.seconds
-        stats["seconds"] = time.perf_counter() - t_start
-    return stats
-
 
 # ---------------------------------------------------------------------------------- the stage
 
