@@ -66,16 +66,17 @@ re-exports those modules' public names, so ``bld.plan`` or ``bld.train_blocks`` 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import zlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data
+from . import data, precision
 from . import parent as parent_stage
 from .bld_plan import STAGE, BLDError, BLDSettings, Job, assign, plan
 
@@ -87,6 +88,7 @@ from .bld_train import (  # noqa: F401
     evaluate,
     job_module,
     nmse,
+    probe_step,
     sub_out,
     train_block,
     train_blocks,
@@ -169,8 +171,7 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     """Run (or reuse) stage 02 for ``cfg``. Under torchrun every rank calls this; rank 0 owns the
     stage manifest, all ranks train their shard. ``stop_after_jobs`` simulates a kill (tests)."""
     settings = BLDSettings.from_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    precision.apply_threads(cfg.threads)
     dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     if not dd.decide(rd.should_run(STAGE) if dd.main else False):
@@ -182,6 +183,11 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     variants, jobs = plan(model.config, cfg)
+    # Rank 0 decides the precision (once per run: precision.decide keeps it for a resume) and
+    # every rank trains in it; the library's index records the decision with the settings.
+    choice = (precision.decide(rd, STAGE, "bld_autocast_bf16", cfg.bld_autocast_bf16, dd.device,
+                               lambda: probe_step(model, settings, dd.device)) if dd.main else None)
+    settings = replace(settings, autocast_bf16=dd.decide(bool(choice and choice.bf16)))
     train_tokens = data.load_tokens(pres.dir / "tokens", "train")
     held_tokens = data.load_tokens(pres.dir / "tokens", "heldout")
     settings_dict = {"bld": asdict(settings), "config": cfg.hashed_values(STAGE)}
@@ -195,6 +201,7 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
             try:
                 if dd.main:
                     st = stack.enter_context(rd.stage(STAGE))
+                    st.metrics["precision"] = choice.to_dict()
                     lib = _open_library(st.dir / "library", model, settings_dict, jobs, variants,
                                         cfg, train_tokens, settings)
             except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
@@ -253,6 +260,11 @@ def _open_library(root: Path, model, settings_dict: dict, jobs: list[Job], varia
     if cfg.force and (root / "index.json").is_file():
         print(f"{STAGE}: force=True: discarding the existing library in {root}", flush=True)
         Library.delete(root)
+    elif root.is_dir() and not (root / "index.json").is_file():
+        # Its index.json was damaged and removed (RunDir._drop_damaged): without it no block can
+        # be tied to this parent and these settings, so the folder (the stage's own) is rebuilt.
+        print(f"{STAGE}: {root} has lost its index.json: rebuilding the library", flush=True)
+        shutil.rmtree(root)
     try:
         lib = Library.create(*args)
     except LibraryMismatch as e:

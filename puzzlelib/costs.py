@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,18 +295,43 @@ class CostTable:
     @classmethod
     def from_csv(cls, path: str | Path, scenarios: list[Scenario],
                  meta: dict | None = None) -> "CostTable":
+        """Read a table written by :meth:`to_csv`. Every cost cell must be a finite number >= 0
+        (a no-op sub-block costs 0): a ``nan`` would make every budget infeasible and a negative
+        time would make a block look faster than free, so either is refused with its row and
+        column (:class:`ProfilingError`), never searched over."""
         rows = []
         with open(path, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
+            for line, r in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
                 row: dict[str, Any] = {}
                 for k, v in r.items():
+                    if k is None or v is None:
+                        raise ProfilingError(f"{path}, line {line}: the row has "
+                                             f"{'more' if k is None else 'fewer'} cells than the "
+                                             f"header; {_FIX_TABLE}")
                     if k in ("sub_block", "variant", "op"):
                         row[k] = v
                     elif k == "is_parent":
                         row[k] = v == "True"
-                    elif k in ("layer", "kv_heads", "ffn_width", "measured_on_layer", *STATIC_METRICS):
-                        row[k] = int(v)
                     else:
-                        row[k] = float(v)
+                        row[k] = _cell(path, line, r, k, v)
                 rows.append(row)
         return cls(rows, scenarios, meta)
+
+
+_FIX_TABLE = ("rerun stage 01_profiling with force=True (or, for an imported table, fix that run's "
+              "costs.csv or set profile_costs_from='' to measure here)")
+_INT_COLUMNS = ("layer", "kv_heads", "ffn_width", "measured_on_layer", *STATIC_METRICS)
+
+
+def _cell(path: str | Path, line: int, r: dict, k: str, v: str) -> float | int:
+    """One numeric cell of a cost table, checked: finite, and >= 0 unless it is a layer index."""
+    where = (f"{path}, line {line} (layer {r.get('layer')}, {r.get('variant')}), column {k}")
+    try:
+        x: float | int = int(v) if k in _INT_COLUMNS else float(v)
+    except ValueError:
+        raise ProfilingError(f"{where}: {v!r} is not a number; {_FIX_TABLE}") from None
+    if not math.isfinite(x):
+        raise ProfilingError(f"{where} is {v!r}, not a finite number; {_FIX_TABLE}")
+    if x < 0 and not (k in ("layer", "measured_on_layer") and x == -1):  # -1: the fixed row
+        raise ProfilingError(f"{where} is {v}: a cost cannot be negative; {_FIX_TABLE}")
+    return x

@@ -13,8 +13,9 @@ can read blocks *without importing any training code*:
 
 * **Atomic, resumable.** A block is written as safetensors first, then its JSON record, each
   through a temp file + rename. The record is the completion marker: a block "exists" only when
-  its record does and the record's size for the tensor file matches. A process killed mid-write
-  leaves at most a dot-prefixed temp file, which nothing reads.
+  its record does and the tensor file has the record's size and sha256 (hashed once per process).
+  A process killed mid-write leaves at most a dot-prefixed temp file, which nothing reads; a
+  damaged block counts as missing, so rerunning stage 02 trains it again.
 * **Tied to one parent.** ``index.json`` holds :func:`parent_fingerprint` (sha256 of the parent's
   architecture and every weight, in fp32) and the hash of the settings the blocks were trained
   with. Opening a library for another parent raises :class:`LibraryMismatch`, and so does writing
@@ -40,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .rundir import atomic_path, atomic_write_json, file_sha256
+from .rundir import atomic_path, atomic_write_json, cached_sha256, file_sha256, remember_sha256
 
 FORMAT = 1
 INDEX = "index.json"
@@ -240,7 +241,9 @@ class Library:
         return d / f"{stem}.safetensors", d / f"{stem}.json"
 
     def has(self, layer: int, name: str) -> bool:
-        """True when the block's record exists and its tensor file has the recorded size."""
+        """True when the block's record exists and its tensor file has the recorded size and
+        sha256 (hashed once per process: ``rundir.cached_sha256``). A damaged block is thus
+        "missing": stage 02 trains it again, and readers refuse it."""
         tensors, record = self._paths(layer, name)
         if not record.is_file():
             return False
@@ -248,7 +251,9 @@ class Library:
             rec = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return False
-        return tensors.is_file() and tensors.stat().st_size == rec.get("bytes")
+        if not tensors.is_file() or tensors.stat().st_size != rec.get("bytes"):
+            return False
+        return not rec.get("sha256") or cached_sha256(tensors) == rec["sha256"]
 
     def missing(self) -> list[tuple[int, str]]:
         return [j for j in self.jobs() if not self.has(*j)]
@@ -275,8 +280,10 @@ class Library:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                       str(tmp), metadata={"layer": str(layer), "variant": name,
                                           "parent_hash": self.parent_hash})
+        digest = file_sha256(tpath)
+        remember_sha256(tpath, digest)  # has() / readers in this process need not hash it again
         rec = {**record, "layer": layer, "variant": name, "file": tpath.name,
-               "bytes": tpath.stat().st_size, "sha256": file_sha256(tpath)}
+               "bytes": tpath.stat().st_size, "sha256": digest}
         atomic_write_json(rpath, rec)
         return rec
 
@@ -289,8 +296,10 @@ class Library:
     # ---- reading ----
     def record(self, layer: int, name: str) -> dict:
         if not self.has(layer, name):
+            tensors = self._paths(layer, name)[0]
             raise LibraryError(f"block ({layer}, {name!r}) is not in the library {self.root} "
-                               "(not trained yet, or its files are damaged); rerun stage 02_bld")
+                               f"(not trained yet, or its files are damaged: {tensors}); rerun "
+                               "stage 02_bld (it trains only the missing or damaged blocks)")
         return json.loads(self._paths(layer, name)[1].read_text(encoding="utf-8"))
 
     def records(self, with_history: bool = True) -> list[dict]:
@@ -306,7 +315,8 @@ class Library:
 
     def read_block(self, layer: int, name: str, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu", verify: bool = False) -> dict:
-        """One block's tensors (names relative to "model.layers.{layer}.")."""
+        """One block's tensors (names relative to "model.layers.{layer}."). The file's sha256 is
+        checked against its record (once per process); ``verify=True`` hashes it again now."""
         rec = self.record(layer, name)
         path = self._paths(layer, name)[0]
         if verify and file_sha256(path) != rec["sha256"]:

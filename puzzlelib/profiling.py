@@ -42,7 +42,8 @@ What it does:
   parent (the quantity the search's throughput constraint actually uses).
 
 * **importing a table** (``profile_costs_from``): instead of measuring, take the cost table of
-  an earlier run (checked against this parent, library, scenarios, dtype and statistic; its path
+  an earlier run (checked against this parent, library, scenarios, dtype and statistic, against
+  that run's manifest when it has one, and cell by cell for finite, non-negative costs; its path
   and sha256 are recorded). Timings differ between two runs, so two measured tables can make the
   search pick different children; runs sharing one table (a rerun, every laptop of a workshop,
   runs profiled once on the target GPU) find the same children. The additivity check still
@@ -125,7 +126,8 @@ from .costs import (  # noqa: F401
     scenarios_from_config,
 )
 from .model import PuzzleForCausalLM
-from .rundir import RunDir, atomic_write_json, file_sha256, read_csv_rows
+from .precision import resolve_threads
+from .rundir import RunDir, atomic_write_json, cached_sha256, file_sha256, read_csv_rows
 from .timing import (  # noqa: F401
     CLOCKS,
     CUDA_MIN_SAMPLE_MS,
@@ -169,6 +171,28 @@ def costs_source(spec: str | Path) -> Path:
                          "or its run folder (or '' to measure here)")
 
 
+def _check_source_manifest(path: Path, where: str) -> None:
+    """When the imported table sits in an earlier run's 01_profiling/ folder, its manifest
+    recorded the sha256 of costs.csv and scenarios.json: refuse a file changed since. (A bare
+    costs.csv + scenarios.json pair has no manifest; its cells are still checked by from_csv.)"""
+    mpath = path.parent / "manifest.json"
+    if not mpath.is_file():
+        return
+    try:
+        recorded = {a["path"]: a.get("sha256") for a in json.loads(mpath.read_text()).get(
+            "artifacts", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ProfilingError(f"{where}: {mpath} is not a readable stage manifest; point "
+                             "profile_costs_from at a complete 01_profiling/ folder, or set it "
+                             "to '' to measure here") from None
+    for name in (path.name, "scenarios.json"):
+        if recorded.get(name) and cached_sha256(path.parent / name) != recorded[name]:
+            raise ProfilingError(
+                f"{where}: {path.parent / name} changed after that run's stage {STAGE} wrote it "
+                f"(its sha256 differs from {mpath}); rerun stage {STAGE} of that run, import "
+                "another table, or set profile_costs_from='' to measure here")
+
+
 def import_costs(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], spec: str | Path,
                  statistic: str, library: dict[str, list[Variant]] | None = None
                  ) -> tuple[CostTable, dict, dict[str, list[float]], dict]:
@@ -177,13 +201,15 @@ def import_costs(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], spec: 
 
     Returns (table, that run's scenarios.json, its raw sub-block samples or {} when it has no
     samples.json, provenance ``{"path", "sha256"}``). Raises :class:`ProfilingError` naming the
-    first thing that differs. Timings are taken as they are: the point of importing is that every
-    run using one table finds the same children.
+    first thing that differs. Timings are taken as they are (only checked to be finite and >= 0,
+    and, when the table sits in a run's 01_profiling/ folder, to match that stage's manifest): the
+    point of importing is that every run using one table finds the same children.
     """
     path = costs_source(spec)
+    where = f"profile_costs_from={str(spec)!r} ({path})"
+    _check_source_manifest(path, where)
     sc = json.loads((path.parent / "scenarios.json").read_text())
     theirs = [Scenario(**x) for x in sc.get("scenarios", [])]
-    where = f"profile_costs_from={str(spec)!r} ({path})"
     if [(s.batch, s.prompt_len, s.gen_len) for s in theirs] != [
             (s.batch, s.prompt_len, s.gen_len) for s in scenarios]:
         raise ProfilingError(
@@ -266,12 +292,12 @@ def _load_result(rd: RunDir, reused: bool) -> ProfilingResult:
 def stage_threads(cfg: RunConfig) -> int:
     """Intra-op threads for the measurement: the config's, or 1 for the CPU clock."""
     if cfg.profile_clock == "cpu":
-        if cfg.threads not in (0, 1):
+        if cfg.threads not in (0, 1, "auto"):
             raise ProfilingError(
                 f"profile_clock='cpu' measures one thread's CPU time but threads={cfg.threads}: "
-                "set threads=1 (or 0), or profile_clock='wall' to time all threads")
+                "set threads=1 (or 0 or auto), or profile_clock='wall' to time all threads")
         return 1
-    return cfg.threads or torch.get_num_threads()
+    return resolve_threads(cfg.threads) or torch.get_num_threads()
 
 
 def run(cfg: RunConfig, progress: bool = True) -> ProfilingResult:

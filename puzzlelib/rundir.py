@@ -22,8 +22,13 @@ Freshness: a stage is fresh when its manifest says done, its cache key equals th
 *current* config demands (key = sha256 of cfg.hash(stage) and the upstream stages' keys, so a
 change to any field an upstream stage reads propagates down), every upstream stage is itself
 fresh and is the very build (build_id) this stage consumed, and every recorded artifact still
-exists with its recorded size. `require(stage)` raises `StageNotReady` naming the reason (which
-config field changed, which artifact is truncated, ...) and the notebook / command to run.
+exists with its recorded size and sha256. `require(stage)` raises `StageNotReady` naming the
+reason (which config field changed, which artifact is truncated or altered, ...) and the notebook /
+command to run. Since `require` checks the upstream stages, a stage verifies the sha256 of every
+upstream artifact before it reads one. Each file is hashed once per process (`cached_sha256`, keyed
+by path, size, mtime, ctime and inode; ctime catches a same-size rewrite whose mtime was put back
+with `touch -r`). Rerunning a stage first deletes its own damaged artifacts (`_drop_damaged`), so a
+stage that resumes (the block library) rebuilds exactly those.
 
 Reads/writes: only files under runs/<run_name>/. Leaves out: what the artifacts contain (each
 stage module owns its formats), and cleaning old artifacts (a failed stage may keep checkpoints
@@ -202,6 +207,39 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# (absolute path, size, mtime_ns, ctime_ns, inode, device) -> sha256, for this process.
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def _version(st: os.stat_result) -> tuple:
+    # ctime is in the key because no user call can set it: `touch -r` or os.utime put a same-size
+    # rewrite's mtime back, but its ctime still moves, so the rewrite is hashed again.
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """``file_sha256``, computed once per process per version of the file (see ``_version``).
+
+    Every stage checks the sha256 of each upstream artifact it reads against that stage's manifest
+    (``RunDir.state``), and the block library checks each block against its record: the cache
+    makes the second and later checks of an unchanged file free. A file that changes while it is
+    hashed is not cached."""
+    p = os.path.abspath(path)
+    key = (p, *_version(os.stat(p)))
+    digest = _SHA_CACHE.get(key)
+    if digest is None:
+        digest = file_sha256(p)
+        if _version(os.stat(p)) == key[1:]:
+            _SHA_CACHE[key] = digest
+    return digest
+
+
+def remember_sha256(path: str | Path, digest: str) -> None:
+    """Seed the cache with a digest the caller has just computed of the file as it is now."""
+    p = os.path.abspath(path)
+    _SHA_CACHE[(p, *_version(os.stat(p)))] = digest
 
 
 # ---- environment --------------------------------------------------------------------------------
@@ -410,6 +448,13 @@ class RunDir:
             if size != a["bytes"]:
                 return (f"artifact {p} has {size} bytes, expected {a['bytes']} "
                         "(truncated or modified)")
+        # Sizes first (free), then every artifact's sha256: a same-size change (a flipped byte, a
+        # rewritten header) must not pass as fresh. Hashed once per process (cached_sha256).
+        for a in m.get("artifacts", []):
+            p = d / a["path"]
+            if a.get("sha256") and cached_sha256(p) != a["sha256"]:
+                return (f"artifact {p} changed after stage {stage} wrote it (same size, but its "
+                        "sha256 differs from the manifest: modified or corrupt)")
         return ""
 
     def verify(self, stage: str) -> list[str]:
@@ -423,6 +468,28 @@ class RunDir:
             elif file_sha256(p) != a["sha256"]:
                 problems.append(f"{p}: sha256 differs from the manifest")
         return problems
+
+    def _drop_damaged(self, stage: str) -> None:
+        """Before a stage runs again, delete those of its own artifacts that no longer match its
+        last manifest (same size, other sha256). A stage that resumes from what it finds (the
+        block library keeps finished blocks, the parent its checkpoints) would otherwise take a
+        damaged file as done, and the new manifest would bless it: with the damaged file gone it
+        is rebuilt, and only it. Runs under the stage lock, before the manifest says running (the
+        old manifest is the only record of what the files should be)."""
+        m = self.manifest(stage) or {}
+        if m.get("status") != "done":
+            return
+        d = self.stage_dir(stage)
+        dropped = []
+        for a in m.get("artifacts", []):
+            p = d / a["path"]
+            if p.is_file() and (p.stat().st_size != a.get("bytes")
+                                or (a.get("sha256") and cached_sha256(p) != a["sha256"])):
+                p.unlink()
+                dropped.append(a["path"])
+        if dropped:
+            print(f"{stage}: removed {len(dropped)} damaged artifact(s) so that they are rebuilt: "
+                  f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", flush=True)
 
     def is_fresh(self, stage: str) -> bool:
         return self.state(stage)[0] == "fresh"
@@ -501,6 +568,7 @@ class RunDir:
         try:
             st = Stage(stage, self.stage_dir(stage), self.config_key(stage), uuid.uuid4().hex)
             st.dir.mkdir(parents=True, exist_ok=True)
+            self._drop_damaged(stage)
             if self._env is None:
                 self._env = environment_info(self.cfg)
             m: dict[str, Any] = {
@@ -554,8 +622,10 @@ def _list_artifacts(d: Path) -> list[dict[str, Any]]:
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"hashing {d.name}",
               disable=total < 256 << 20) as bar:
         for p in files:
+            digest = file_sha256(p)
+            remember_sha256(p, digest)
             out.append({"path": p.relative_to(d).as_posix(), "bytes": p.stat().st_size,
-                        "sha256": file_sha256(p)})
+                        "sha256": digest})
             bar.update(p.stat().st_size)
     return out
 

@@ -170,8 +170,10 @@ def test_interrupted_or_damaged_block_is_not_taken(tmp_path, tiny_parent, monkey
     _fill(lib, tiny_parent, jobs=[(0, "ffn:0.50")])
     rec = json.loads((root / "blocks" / "L00" / "ffn-0.50.json").read_text())
     data = bytearray(st.read_bytes())
-    data[-1] ^= 1  # same size, different bytes: only verify=True notices
+    data[-1] ^= 1  # same size, different bytes: the sha256 check notices
+    assert lib.has(0, "ffn:0.50")  # (hashed and cached before the change)
     st.write_bytes(bytes(data))
-    assert lib.has(0, "ffn:0.50") and rec["bytes"] == len(data)
-    with pytest.raises(LibraryError, match="sha256 differs"):
-        lib.read_block(0, "ffn:0.50", verify=True)
+    assert not lib.has(0, "ffn:0.50") and rec["bytes"] == len(data)
+    assert (0, "ffn:0.50") in lib.missing()  # so stage 02 trains it again
+    with pytest.raises(LibraryError, match="damaged: .*ffn-0.50.safetensors"):
+        lib.read_block(0, "ffn:0.50")

@@ -156,13 +156,36 @@ def test_truncated_or_deleted_artifact_is_refused(cfg):
         rd.require("00_parent")
 
 
-def test_verify_catches_same_size_corruption(cfg):
+def test_same_size_corruption_is_not_fresh_even_with_its_mtime_put_back(cfg):
+    import os
+
     rd = RunDir(cfg)
     build(rd, "00_parent")
-    assert rd.verify("00_parent") == []
-    (rd.stage_dir("00_parent") / "model.bin").write_bytes(b"WEIGHTS")
-    assert rd.is_fresh("00_parent")  # the cheap check is size only ...
-    assert "sha256 differs" in rd.verify("00_parent")[0]  # ... the full check hashes
+    assert rd.verify("00_parent") == [] and rd.is_fresh("00_parent")  # hashed and cached here
+    path = rd.stage_dir("00_parent") / "model.bin"
+    before = path.stat()
+    path.write_bytes(b"WEIGHTS")  # same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # what `touch -r` does
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    state, reason = rd.state("00_parent")
+    assert state == "broken" and str(path) in reason and "sha256 differs" in reason
+    assert "sha256 differs" in rd.verify("00_parent")[0]
+    with pytest.raises(StageNotReady, match=r"model.bin changed after stage 00_parent.*--stages 00"):
+        rd.require("00_parent")
+
+
+def test_rerunning_a_stage_drops_only_its_damaged_artifacts(cfg, capsys):
+    rd = RunDir(cfg)
+    with rd.stage("00_parent") as st:
+        atomic_write_bytes(st.path("a.bin"), b"aaaa")
+        atomic_write_bytes(st.path("b.bin"), b"bbbb")
+    rd.stage_dir("00_parent").joinpath("a.bin").write_bytes(b"AAAA")
+    seen = {}
+    with rd.stage("00_parent") as st:  # a resuming stage sees only the intact file
+        seen = {p.name for p in st.dir.glob("*.bin")}
+        atomic_write_bytes(st.path("a.bin"), b"aaaa")
+    assert seen == {"b.bin"} and rd.is_fresh("00_parent")
+    assert "removed 1 damaged artifact(s) so that they are rebuilt: a.bin" in capsys.readouterr().out
 
 
 def test_artifact_list_skips_temp_files(cfg):
