@@ -70,13 +70,13 @@ import shutil
 import sys
 import zlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data, precision
+from . import data
 from . import parent as parent_stage
 from .bld_plan import STAGE, BLDError, BLDSettings, Job, assign, plan
 
@@ -88,7 +88,6 @@ from .bld_train import (  # noqa: F401
     evaluate,
     job_module,
     nmse,
-    probe_step,
     sub_out,
     train_block,
     train_blocks,
@@ -171,7 +170,8 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     """Run (or reuse) stage 02 for ``cfg``. Under torchrun every rank calls this; rank 0 owns the
     stage manifest, all ranks train their shard. ``stop_after_jobs`` simulates a kill (tests)."""
     settings = BLDSettings.from_config(cfg)
-    precision.apply_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     if not dd.decide(rd.should_run(STAGE) if dd.main else False):
@@ -183,11 +183,6 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     variants, jobs = plan(model.config, cfg)
-    # Rank 0 decides the precision (once per run: precision.decide keeps it for a resume) and
-    # every rank trains in it; the library's index records the decision with the settings.
-    choice = (precision.decide(rd, STAGE, "bld_autocast_bf16", cfg.bld_autocast_bf16, dd.device,
-                               lambda: probe_step(model, settings, dd.device)) if dd.main else None)
-    settings = replace(settings, autocast_bf16=dd.decide(bool(choice and choice.bf16)))
     train_tokens = data.load_tokens(pres.dir / "tokens", "train")
     held_tokens = data.load_tokens(pres.dir / "tokens", "heldout")
     settings_dict = {"bld": asdict(settings), "config": cfg.hashed_values(STAGE)}
@@ -201,7 +196,6 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
             try:
                 if dd.main:
                     st = stack.enter_context(rd.stage(STAGE))
-                    st.metrics["precision"] = choice.to_dict()
                     lib = _open_library(st.dir / "library", model, settings_dict, jobs, variants,
                                         cfg, train_tokens, settings)
             except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
