@@ -6,7 +6,8 @@ helpers `_bld_errors`, `_search_errors`, `_eval_errors` and `_corpus_errors`) li
 out-of-range value with the fix; `_suggest` adds a "did you mean" to an unknown name.
 `RunConfig.__post_init__` (`config.py`) calls them and raises one `ConfigError` for all errors.
 
-Reads: nothing (the checks look only at the config's values; `_corpus_errors` asks whether a
+Reads: nothing but the machine's memory size (`limits.memory_errors`: sizes that cannot fit
+are refused up front, with the estimate) and the config's values (`_corpus_errors` asks whether a
 path with an unknown suffix is a folder). Writes: nothing.
 Leaves out: raising (the functions return error strings; `config.py` raises), unknown-key and
 unknown-stage checks (`config.py`, they need the dataclass), and checks that need a parent or
@@ -25,6 +26,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .limits import memory_errors
 from .presets import PRESETS
 
 if TYPE_CHECKING:
@@ -163,6 +165,8 @@ def _range_errors(c: RunConfig) -> list[str]:
     need(c.scoring_naive_check >= 0, f"scoring_naive_check must be >= 0, got {c.scoring_naive_check}")
     e += _search_errors(c)
     e += _eval_errors(c)
+    if not e:  # the memory estimate assumes every size is in range
+        e += memory_errors(c)
     return e
 
 
