@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .search import Budget, ChildSpec, Option, Searcher, constraint_rows, decode, pareto_row
+from .search import Budget, ChildSpec, Option, Searcher, constraint_rows, pareto_row
 
 METHODS = ("uniform", "depth", "greedy", "random")
 
@@ -112,19 +112,22 @@ def _greedy_at(s: Searcher, budget: Budget, batch: int) -> list | None:
     cur: list[list[Option]] = [[P.option(i, a), P.option(i, f)] for i, (a, f) in enumerate(P.parent)]
     if not rows:
         return cur
-    lim = np.array([r[2] for r in rows])
+    lo, hi = np.array([r.lo for r in rows]), np.array([r.hi for r in rows])
     cache: dict[int, np.ndarray] = {}
 
     def vec(opts: list[Option]) -> np.ndarray:
         for o in opts:
             if id(o) not in cache:
-                cache[id(o)] = np.array([P.coef(o.cost, w, batch) for _, w, _ in rows])
+                cache[id(o)] = np.array([P.coef(o.cost, r.what, batch) for r in rows])
         return sum((cache[id(o)] for o in opts), np.zeros(len(rows)))
 
-    def viol(v: np.ndarray) -> float:  # total relative excess over the limits
-        return float(np.maximum(0.0, (v - lim) / np.abs(lim)).sum())
+    def viol(v: np.ndarray) -> float:  # total relative excess over the upper and shortfall under the lower bounds
+        with np.errstate(invalid="ignore", divide="ignore"):
+            over = np.where(np.isfinite(hi), np.maximum(0.0, (v - hi) / np.abs(hi)), 0.0)
+            under = np.where(np.isfinite(lo), np.maximum(0.0, (lo - v) / np.abs(lo)), 0.0)
+        return float(np.nan_to_num(over + under, posinf=1e30).sum())
 
-    lhs = np.array([P.coef(P.fixed, w, batch) for _, w, _ in rows]) + sum(vec(c) for c in cur)
+    lhs = np.array([P.coef(P.fixed, r.what, batch) for r in rows]) + sum(vec(c) for c in cur)
     for _ in range(10 * len(P.columns) + 10):
         v0 = viol(lhs)
         if v0 <= 1e-12:
@@ -179,8 +182,8 @@ def random_child(s: Searcher, seed: int = 0, tries: int = 2000, budget: Budget |
     for b in gen.permutation(s.batches).tolist():
         res = s._solve(b, constraint_rows(P, budget or s.budget, b, s.ref_tps), "random baseline",
                        objective=gen.random(len(P.columns)))
-        if res.x is not None:
-            spec = s.spec(decode(P, res.x), b, "random", "random", budget)
+        if res.child is not None:
+            spec = s.spec(res.child, b, "random", "random", budget)
             spec.notes.append(f"none of {tries} uniform draws met the budget: a random-objective MIP point "
                               "(a random feasible child) instead")
             return spec

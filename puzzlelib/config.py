@@ -63,12 +63,16 @@ class ConfigError(ValueError):
     """A config value, key, preset or file is invalid; the message says what to change."""
 
 
-def _f(default: Any, stage: str, choices: tuple | None = None) -> Any:
-    """A dataclass field tagged with the stage it affects (and optionally its allowed values)."""
+def _f(default: Any, stage: str, choices: tuple | None = None, hash_default: bool = True) -> Any:
+    """A dataclass field tagged with the stage it affects (and optionally its allowed values).
+    ``hash_default=False`` for a field added after runs existed, whose default reproduces the old
+    behaviour: it enters the stage hash only when set to something else, so existing runs stay fresh."""
     assert stage in STAGE_TAGS, f"unknown stage tag {stage!r}"
     meta: dict[str, Any] = {"stage": stage}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if not hash_default:
+        meta["hash_default"] = False
     return field(default=default, metadata=meta)
 
 
@@ -182,6 +186,11 @@ class RunConfig:
     search_influence_tokens: int = _f(16_384, "04_search")  # held-out tokens measuring block influence (depth baseline)
     search_random_tries: int = _f(2000, "04_search")  # uniform library draws the random baseline tries before a random MIP point
     search_measure: bool = _f(True, "04_search")  # re-check every child with measured end-to-end timings (stage 01's method)
+    # Added later (hash_default=False: at their defaults the stage hash, and so every existing run, is unchanged).
+    search_min_diff_layers: int = _f(0, "04_search", hash_default=False)  # each solution differs from every earlier one in >= this many layers; 0 = use search_min_diff_fraction
+    search_constraints: str = _f("", "04_search", hash_default=False)  # ranges on any cost-table statistic, e.g. "1e9<=params<=4e9, kv_heads>=40, decode_ms<=12" (own units; sums over blocks + fixed part)
+    search_bigger_is_better: str = _f("auto", "04_search", ("auto", "true", "false"), hash_default=False)  # score direction; auto = from search_metric (top1_agreement: bigger; kl, losses: smaller)
+    search_cross_check: bool = _f(True, "04_search", hash_default=False)  # re-solve each MIP with the other solver when available and keep the better verified child (mip.solve_checked)
 
     # 05_gkd: global knowledge distillation of the chosen children against the frozen parent.
     gkd_children: str = _f("all", "05_gkd")  # children of stage 04 to distil: "all" or comma-separated names
@@ -313,7 +322,9 @@ class RunConfig:
             if stage == "run":
                 raise ConfigError("'run' fields affect nothing cached and have no hash")
             names = self.fields_for("data") + ([] if stage == "data" else self.fields_for(stage))
-        return {name: getattr(self, name) for name in names}
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in names
+                if fields[name].metadata.get("hash_default", True) or getattr(self, name) != fields[name].default}
 
     def hash(self, stage: str | None = None) -> str:
         """16 hex chars of sha256 over the canonical JSON of `hashed_values(stage)`."""

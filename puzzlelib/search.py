@@ -14,11 +14,19 @@ What it does (DESIGN.md §1.4):
   with ``Σ time = prefill + gen_len × decode step``, exactly as ``CostTable.predict_scenario``.
   Every profiled batch size is solved and the best kept: a smaller KV cache lets a bigger batch fit
   in memory, which is how Puzzle's children gain throughput beyond their per-token cost;
+  Any cost-table statistic can also be bounded on both sides (``search_constraints``, e.g.
+  ``"1e9<=params<=4e9, kv_heads>=40"``), and the score's direction is explicit when it is not the
+  metric's usual one (``search_bigger_is_better``);
 * solves the MIP with gurobipy when installed and its licence admits the size, else HiGHS, the
-  reason recorded (:func:`solve`); both read the same matrices (:func:`formulate`);
-* k diverse solutions (each differs from every earlier one in ≥ ``ceil(f·L)`` layers, by the cut
-  ``Σ_i same_i ≤ L − ceil(f·L)`` with ``same_i ≥ match_attn + match_ffn − 1``), a Pareto sweep over
-  speed-up targets, and baselines at the same budget (``baselines.py``);
+  reason recorded (:func:`solve`); both read the same matrices (:func:`formulate`), every row scaled
+  by a power of two to a largest |coefficient| of ~1. Every answer is re-checked in float64 from the
+  tables and, by default, against the other solver (``mip.solve_checked``); the check is recorded in
+  each child's ``solver["per_batch"]``. The batch size that won last is solved first and its
+  objective is the others' cutoff, so a batch that cannot beat it stops at its bound;
+* k diverse solutions (each differs from every earlier one in ≥ D layers: ``search_min_diff_layers``,
+  or ``ceil(f·L)`` of ``search_min_diff_fraction`` with f·L rounded to 9 decimals first, so 0.28 of
+  25 layers is 7; by the cut ``Σ_i same_i ≤ L − D`` with ``same_i ≥ match_attn + match_ffn − 1``),
+  a Pareto sweep over speed-up targets, and baselines at the same budget (``baselines.py``);
 * an infeasible budget raises :class:`InfeasibleBudget` naming the tightest value each constraint
   can reach given the others;
 * re-checks every child with *measured* end-to-end timings (``profiling.check_additivity``).
@@ -44,6 +52,8 @@ from tqdm import tqdm
 
 from .config import RunConfig
 from .mip import (  # noqa: F401  (re-exported: the search's public API)
+    ABS_GAP,
+    DEFAULT_GAP,
     FIELDS,
     Budget,
     HIGHER_IS_BETTER,
@@ -51,6 +61,7 @@ from .mip import (  # noqa: F401  (re-exported: the search's public API)
     MIP,
     Option,
     Problem,
+    Range,
     SearchError,
     Solved,
     TOL,
@@ -58,8 +69,12 @@ from .mip import (  # noqa: F401  (re-exported: the search's public API)
     check,
     constraint_rows,
     decode,
+    differing_layers,
     formulate,
+    min_differing_layers,
+    parse_ranges,
     reference,
+    solve_checked,
     solve,
 )
 from .rundir import RunDir, atomic_write_json, atomic_write_text
@@ -143,7 +158,8 @@ class Searcher:
     """Solves a :class:`Problem` under a :class:`Budget` at every batch size and keeps the best."""
 
     def __init__(self, problem: Problem, budget: Budget, batches: Sequence[int] | None = None,
-                 solver: str = "auto", time_limit: float = 60.0, gap: float = 1e-4, threads: int = 0):
+                 solver: str = "auto", time_limit: float = 60.0, gap: float = DEFAULT_GAP, threads: int = 0,
+                 cross_check: bool = True):
         self.problem, self.budget = problem, budget
         self.batches = list(batches or problem.batch_sizes)
         bad = [b for b in self.batches if b not in problem.scenarios]
@@ -151,17 +167,31 @@ class Searcher:
             raise SearchError(f"batch sizes {bad} were not profiled (profiled: {problem.batch_sizes}): "
                               "fix search_batch_sizes or add them to profile_batch_sizes")
         self.solver, self.time_limit, self.gap, self.threads = solver, time_limit, gap, threads
+        self.cross_check = cross_check
         self.ref_batch, self.ref_tps = reference(problem, budget, self.batches)
+        for r in budget.ranges:  # an unknown statistic is refused now, naming the known ones
+            problem.coef(problem.fixed, constraint_rows(problem, Budget(ranges=(r,)), self.batches[0], 1.0)[0].what,
+                         self.batches[0])
         self.log: list[dict] = []
+        self._last_batch: int | None = None  # the batch that won the last search: solved first next time
 
-    def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0) -> Solved:
-        mip = formulate(self.problem, rows, batch, objective, cuts, min_differ)
-        res = solve(mip, self.solver, self.time_limit, self.gap, self.threads)
-        self.log.append({"purpose": purpose, "batch": batch, "solver": res.solver, "status": res.status,
-                         "seconds": res.seconds, "objective": res.objective, "gap": res.gap,
-                         "variables": len(mip.c), "constraints": len(mip.b),
-                         "fallback_reason": res.fallback_reason})
+    def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
+        """One checked solve (``mip.solve_checked``), logged."""
+        res = solve_checked(self.problem, rows, batch, objective, cuts, min_differ, self.solver, self.time_limit,
+                            self.gap, self.threads, cutoff, self.cross_check)
+        s = res.solved
+        cross = res.check.get("cross_check", {})
+        self.log.append({"purpose": purpose, "batch": batch, "solver": s.solver, "status": s.status,
+                         "seconds": s.seconds, "objective": res.objective, "gap": s.gap,
+                         "variables": res.mip_size[0], "constraints": res.mip_size[1],
+                         "fallback_reason": s.fallback_reason, "cross_check_agrees": cross.get("agrees"),
+                         "cross_check_seconds": cross.get("seconds", 0.0), "note": res.check.get("note")})
         return res
+
+    def _tie(self, value: float) -> float:
+        """How far above the incumbent a batch's cutoff sits: the gap plus the solvers' absolute
+        tolerance, so that a child as good as the incumbent (a tie) is still found and compared."""
+        return self.gap * abs(value) + 1e-9 * (1.0 + abs(value))
 
     def spec(self, child: Sequence, batch: int, name: str, method: str, budget: Budget | None = None) -> ChildSpec:
         child = [(c[0], c[1], bool(c[2]) if len(c) > 2 else False) for c in child]
@@ -180,16 +210,20 @@ class Searcher:
              purpose: str = "search", explain: bool = True) -> ChildSpec:
         """The best child over all batch sizes; raises :class:`InfeasibleBudget` when none exists."""
         budget = budget or self.budget
-        found, per_batch = [], []
-        for b in self.batches:
+        found, per_batch, incumbent = [], [], None
+        # The batch that won last time first: its objective is the others' cutoff, so a batch that
+        # cannot beat it is closed by its bound instead of being solved to the end.
+        for b in sorted(self.batches, key=lambda b: b != self._last_batch):
+            cutoff = None if incumbent is None else incumbent + self._tie(incumbent)
             res = self._solve(b, constraint_rows(self.problem, budget, b, self.ref_tps), purpose, cuts=cuts,
-                              min_differ=min_differ)
-            per_batch.append({"batch": b, "status": res.status, "objective": res.objective,
-                              "seconds": round(res.seconds, 4)})
-            if res.x is not None:
-                child = decode(self.problem, res.x)
-                tps = self.problem.evaluate(child, b)["tokens_per_s"]
-                found.append((round(res.objective, 9), -tps, b, child, res))
+                              min_differ=min_differ, cutoff=cutoff)
+            per_batch.append({"batch": b, "status": res.solved.status, "objective": res.objective,
+                              "seconds": round(res.solved.seconds, 4), "proven": res.proven, "check": res.check})
+            if res.child is not None:
+                tps = self.problem.evaluate(res.child, b)["tokens_per_s"]
+                found.append((round(res.objective, 9), -tps, b, res.child, res))
+                incumbent = res.objective if incumbent is None else min(incumbent, res.objective)
+        per_batch.sort(key=lambda p: self.batches.index(p["batch"]))
         if not found and any(p["status"] == "time_limit" for p in per_batch):
             raise SearchError(f"no child found within search_time_limit_s={self.time_limit:g} s at some batch "
                               f"sizes ({per_batch}): raise search_time_limit_s or search_mip_gap")
@@ -198,17 +232,26 @@ class Searcher:
             raise InfeasibleBudget(self.explain(budget, tight) if explain else
                                    "no child meets the budget with these extra (diversity) cuts", tight)
         _, _, b, child, res = min(found, key=lambda t: t[:3])
+        self._last_batch = b
         spec = self.spec(child, b, name, "mip", budget)
-        spec.solver = {"solver": res.solver, "status": res.status, "gap": res.gap,
+        proven = all(p["proven"] for p in per_batch)
+        spec.solver = {"solver": res.solved.solver, "status": res.solved.status, "gap": res.solved.gap,
                        "seconds": round(sum(p["seconds"] for p in per_batch), 4),
-                       "fallback_reason": res.fallback_reason, "per_batch": per_batch}
+                       "fallback_reason": res.solved.fallback_reason, "proven": proven, "per_batch": per_batch}
+        if not proven:
+            spec.notes.append(f"not proven optimal to the gap {self.gap:g}: batch sizes "
+                              f"{[p['batch'] for p in per_batch if not p['proven']]} stopped at "
+                              f"search_time_limit_s={self.time_limit:g} s")
+        spec.notes += [p["check"]["note"] for p in per_batch if p["check"].get("note")]
         if not all(c["ok"] for c in spec.checks.values()):  # never hand on a child that breaks the budget
-            raise SearchError(f"solver {res.solver} returned a child that fails the re-check: {spec.checks}")
+            raise SearchError(f"solver {res.solved.solver} returned a child that fails the re-check: {spec.checks}")
         return spec
 
     def _value(self, name: str, total: float, batch: int) -> float:
         """A constrained sum in the user's units (speed-up, tokens/s, ms, MiB, parameters)."""
         gen = self.problem.scenarios[batch][1]
+        if name.startswith("range "):
+            return total
         if name in ("speedup", "throughput"):
             tps = 1e3 * batch * gen / total if total > 0 else math.inf
             return tps / self.ref_tps if name == "speedup" else tps
@@ -219,20 +262,26 @@ class Searcher:
         (or, where the others cannot all hold, alone): the number an infeasibility message needs."""
         budget = budget or self.budget
         out = {}
-        for name, what, _ in constraint_rows(self.problem, budget, self.batches[0], self.ref_tps):
+        for row in constraint_rows(self.problem, budget, self.batches[0], self.ref_tps):
+            name, what = row.name, row.what
             maximise = name in ("speedup", "throughput")
+            # a range: the smallest sum when its upper bound is set, else the largest
+            sign = -1.0 if name.startswith("range ") and not math.isfinite(row.hi) else 1.0
             for given_others in (True, False):
                 vals = []
                 for b in self.batches:
                     rows = [r for r in constraint_rows(self.problem, budget, b, self.ref_tps)
-                            if given_others and r[0] != name]
-                    obj = np.array([self.problem.coef(o.cost, what, b) for _, o in self.problem.columns])
+                            if given_others and r.name != name]
+                    obj = sign * np.array([self.problem.coef(o.cost, what, b) for _, o in self.problem.columns])
                     res = self._solve(b, rows, f"tightest {name}", objective=obj)
-                    if res.x is not None:
-                        vals.append((self._value(name, res.objective + self.problem.coef(self.problem.fixed, what, b), b), b))
+                    if res.child is not None:
+                        total = sign * res.objective + self.problem.coef(self.problem.fixed, what, b)
+                        vals.append((self._value(name, total, b), b))
                 if vals:
-                    v, b = (max if maximise else min)(vals)
+                    v, b = (max if maximise or sign < 0 else min)(vals)
                     out[name] = {"value": v, "batch": b, "given_other_budgets": given_others}
+                    if name.startswith("range "):
+                        out[name]["reaches"] = "largest" if sign < 0 else "smallest"
                     break
         return out
 
@@ -242,6 +291,11 @@ class Searcher:
                  "params": budget.max_params}
         parts = []
         for name, t in tight.items():
+            if name.startswith("range "):
+                ctx = "given the other budgets" if t["given_other_budgets"] else "alone"
+                parts.append(f"{name} (search_constraints): the {t['reaches']} value any child reaches {ctx} "
+                             f"is {t['value']:.6g} (batch {t['batch']}); widen the range to include it")
+                continue
             bound = "at most" if name in ("speedup", "throughput") else "at least"
             ctx = "given the other budgets" if t["given_other_budgets"] else "alone"
             value = t["value"] / (self.problem.total(self.problem.parent, "params", t["batch"]) or 1) \
@@ -255,9 +309,11 @@ class Searcher:
                 f"({', '.join(map(str, self.batches))}; speed-ups are relative to the parent's "
                 f"{self.ref_tps:.4g} tokens/s at batch {self.ref_batch}).\n  - " + "\n  - ".join(parts))
 
-    def diverse(self, k: int, min_diff_fraction: float, progress: bool = True) -> tuple[list[ChildSpec], list[str]]:
-        """Up to ``k`` solutions, each differing from every earlier one in ≥ ceil(f·L) layers."""
-        need = max(1, math.ceil(min_diff_fraction * self.problem.num_layers))
+    def diverse(self, k: int, min_diff_fraction: float = 0.2, progress: bool = True, min_diff_layers: int = 0
+                ) -> tuple[list[ChildSpec], list[str]]:
+        """Up to ``k`` solutions, each differing from every earlier one in ≥ D layers: ``min_diff_layers``
+        when > 0, else ceil(f·L) (``mip.min_differing_layers``: f·L rounded to 9 decimals first)."""
+        need = min_differing_layers(self.problem.num_layers, min_diff_fraction, min_diff_layers)
         sols, notes = [self.best(name="puzzle-1", purpose="solution 1")], []
         for n in tqdm(range(2, k + 1), desc="diverse solutions", disable=not progress or k < 2):
             try:
@@ -313,11 +369,13 @@ def _floats(text: str, what: str) -> list[float]:
 def searcher_from_config(cfg: RunConfig, costs, table) -> Searcher:
     """The configured :class:`Searcher` for a cost table (stage 01) and a score table (stage 03)."""
     scores, pv = scores_from_table(table, cfg.search_metric)
-    problem = build_problem(costs, scores, cfg.search_metric, pv, ("linear",) if cfg.search_exclude_linear else ())
+    direction = {"auto": None, "true": True, "false": False}[cfg.search_bigger_is_better]
+    problem = build_problem(costs, scores, cfg.search_metric, pv, ("linear",) if cfg.search_exclude_linear else (),
+                            direction)
     batches = [int(b) for b in _floats(cfg.search_batch_sizes, "search_batch_sizes")] or None
     parent_params = problem.total(problem.parent, "params", problem.batch_sizes[0])
     return Searcher(problem, Budget.from_config(cfg, parent_params), batches, cfg.search_solver,
-                    cfg.search_time_limit_s, cfg.search_mip_gap, cfg.threads)
+                    cfg.search_time_limit_s, cfg.search_mip_gap, cfg.threads, cfg.search_cross_check)
 
 
 def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfig, progress: bool = True) -> None:
@@ -351,9 +409,10 @@ def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfi
                          "memory_bytes": r["meas_memory_bytes"], "parent_tokens_per_s": ref_tps}
         for name, c in spec.checks.items():
             # Time budgets compare measured time with the limit re-derived from the *measured* parent.
-            limit = c["limit"] * (s.ref_tps / ref_tps if name == "speedup" else 1.0)
-            got = {"time": t, "memory": r["meas_memory_bytes"], "params": c["predicted"]}[c["what"]]
-            c.update(measured=got, measured_limit=limit, measured_ok=got <= limit * (1 + TOL))
+            limit = c["limit"] * (s.ref_tps / ref_tps if name == "speedup" else 1.0) if c["limit"] is not None else None
+            got = {"time": t, "memory": r["meas_memory_bytes"]}.get(c["what"], c["predicted"])
+            ok = (limit is None or got <= limit * (1 + TOL)) and got >= c.get("lower", -math.inf) - TOL * abs(c.get("lower", 0.0))
+            c.update(measured=got, measured_limit=limit, measured_ok=ok)
 
 
 @dataclass
@@ -406,7 +465,8 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
     speedups = _floats(cfg.search_pareto_speedups, "search_pareto_speedups")
     t0 = time.perf_counter()
     # Solved before the stage opens: an infeasible budget raises here and leaves no artifact.
-    solutions, notes = s.diverse(cfg.search_num_solutions, cfg.search_min_diff_fraction, progress)
+    solutions, notes = s.diverse(cfg.search_num_solutions, cfg.search_min_diff_fraction, progress,
+                                 cfg.search_min_diff_layers)
     search_seconds = time.perf_counter() - t0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -212,6 +212,14 @@ def _search_errors(c: RunConfig) -> list[str]:
                  f"got {c.search_influence_tokens}")
     if c.search_random_tries < 0:
         e.append(f"search_random_tries must be >= 0, got {c.search_random_tries}")
+    if c.search_min_diff_layers < 0:
+        e.append(f"search_min_diff_layers must be >= 0 (0 = use search_min_diff_fraction), got {c.search_min_diff_layers}")
+    from .mip import SearchError, parse_ranges  # imported here: mip imports config, which imports this module
+
+    try:
+        parse_ranges(c.search_constraints)
+    except SearchError as err:
+        e.append(str(err))
     return e
 
 

@@ -150,7 +150,9 @@ def test_gurobi_licence_limit_falls_back_to_highs_with_the_reason():
 
 def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):
     p = make_problem(L=3, seed=0)
-    monkeypatch.setattr(search, "solve", lambda *a, **k: search.Solved("time_limit", None, None, "fake", 1.0))
+    from puzzlelib import mip
+
+    monkeypatch.setattr(mip, "solve", lambda *a, **k: search.Solved("time_limit", None, None, "fake", 1.0))
     with pytest.raises(search.SearchError, match="search_time_limit_s") as e:
         Searcher(p, Budget(min_speedup=1.2)).best()
     assert not isinstance(e.value, InfeasibleBudget)
