@@ -21,7 +21,18 @@ One block config (after normalisation) reads::
 
 DeciLM derives the FFN width as ``find_multiple(int(2 * ffn_mult * hidden / 3), 256)``; tiny
 models have widths that are not multiples of 256, so we also accept (and always keep, internally)
-an exact ``intermediate_size``. Leaves out: anything about training or search.
+an exact ``intermediate_size``. NVIDIA's later DeciLM code (Model-Optimizer) reads only
+``intermediate_size`` and vLLM prefers ``ffn_mult``: the export writes both (``export.py``).
+
+Fields that other DeciLM readers use and this class reads back only to check them against its
+own: top-level ``rope_theta`` / ``rope_scaling`` (must say what ``rope_parameters`` says),
+``o_proj_bias`` (must equal ``attention_bias``: one flag covers q/k/v/o here),
+``position_embedding_type`` ("rope"), ``pretraining_tp`` (1), and per FFN ``hidden_act`` ("silu")
+and ``gated`` (true). A value this model cannot honour is an error, never silently ignored.
+
+``DeciLMConfig`` is a real subclass, so a folder re-saved by ``save_pretrained`` keeps DeciLM's
+class names (vLLM picks its implementation by the ``architectures`` name).
+Leaves out: anything about training or search.
 """
 
 from __future__ import annotations
@@ -90,6 +101,10 @@ class PuzzleConfig(PreTrainedConfig):
     block_configs: list | None = None
 
     def __post_init__(self, **kwargs):
+        check_foreign_fields(kwargs, self.rope_parameters, self.attention_bias)
+        # Checked above; the export writes them again from this class's own fields.
+        for key in FOREIGN_FIELDS + (("rope_theta", "rope_scaling") if self.rope_parameters is not None else ()):
+            kwargs.pop(key, None)
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         if self.head_dim is None:
@@ -151,6 +166,39 @@ class PuzzleConfig(PreTrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.attn_kind(i) == "gqa"]
 
 
+def legacy_rope_fields(rope_parameters: dict) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` as transformers 4.x-era readers (NVIDIA's DeciLM code, older
+    vLLM) expect them at the top level of config.json: the scaling dict without ``rope_theta``,
+    or None for plain RoPE."""
+    theta = float(rope_parameters["rope_theta"])
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return theta, (None if scaling.get("rope_type", "default") == "default" else scaling)
+
+
+# Top-level fields of other DeciLM readers that this class checks and then drops (module doc).
+FOREIGN_FIELDS = ("o_proj_bias", "position_embedding_type", "pretraining_tp")
+
+
+def check_foreign_fields(kwargs: dict, rope_parameters: dict | None, attention_bias: bool) -> None:
+    """Refuse DeciLM fields whose value this model would silently not honour (see module doc)."""
+    if rope_parameters is not None and ("rope_theta" in kwargs or "rope_scaling" in kwargs):
+        theta, scaling = legacy_rope_fields(rope_parameters)
+        got_theta, got_scaling = kwargs.get("rope_theta", theta), kwargs.get("rope_scaling", scaling)
+        if got_scaling is not None and got_scaling.get("rope_type", got_scaling.get("type")) == "default":
+            got_scaling = None
+        if got_theta is None or float(got_theta) != theta or (got_scaling or None) != scaling:
+            raise ValueError(
+                f"rope_theta={got_theta!r} / rope_scaling={got_scaling!r} disagree with rope_parameters="
+                f"{rope_parameters!r}; other DeciLM readers use the former, this model the latter: make "
+                "them agree (or drop rope_theta/rope_scaling and re-export).")
+    if "o_proj_bias" in kwargs and bool(kwargs["o_proj_bias"]) != bool(attention_bias):
+        raise ValueError(f"o_proj_bias={kwargs['o_proj_bias']!r} differs from attention_bias={attention_bias!r}: "
+                         "this model has one bias flag for q/k/v/o_proj.")
+    for key, allowed in (("position_embedding_type", ("rope",)), ("pretraining_tp", (1,))):
+        if key in kwargs and kwargs[key] not in allowed:
+            raise ValueError(f"{key}={kwargs[key]!r} is not supported (only {allowed[0]!r}).")
+
+
 def parent_block_config(num_heads: int, num_kv_heads: int, width: int) -> dict[str, Any]:
     """The block config of an unchanged Llama layer."""
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -187,6 +235,9 @@ def normalize_block_config(block: dict, i: int, num_heads: int, hidden: int) -> 
                 f"block_configs[{i}].attention.n_heads_in_group={g!r}: it must be a positive divisor of "
                 f"num_attention_heads={num_heads} (KV heads = {num_heads} // n_heads_in_group)."
             )
+    if f.get("hidden_act", "silu") not in ("silu", None) or f.get("gated", True) is False:
+        raise ValueError(f"block_configs[{i}].ffn: hidden_act={f.get('hidden_act')!r}, gated={f.get('gated')!r}; "
+                         "only gated SiLU (SwiGLU) FFNs are supported.")
     f = {"ffn_mult": f.get("ffn_mult"), "intermediate_size": f.get("intermediate_size"),
          "no_op": bool(f.get("no_op", False)), "replace_with_linear": bool(f.get("replace_with_linear", False))}
     if f["no_op"] or f["replace_with_linear"]:
@@ -199,11 +250,19 @@ def normalize_block_config(block: dict, i: int, num_heads: int, hidden: int) -> 
             width = ffn_mult_to_width(float(f["ffn_mult"]), hidden)
         if not isinstance(width, int) or width <= 0:
             raise ValueError(f"block_configs[{i}].ffn width must be a positive int, got {width!r}.")
+        if f["ffn_mult"] is not None and ffn_mult_to_width(float(f["ffn_mult"]), hidden) != width:
+            raise ValueError(
+                f"block_configs[{i}].ffn: ffn_mult={f['ffn_mult']} gives width "
+                f"{ffn_mult_to_width(float(f['ffn_mult']), hidden)} but intermediate_size={width}; "
+                "readers that use ffn_mult (vLLM) would build another model: make them agree.")
         f["intermediate_size"] = width
     return {"attention": a, "ffn": f}
 
 
-# DeciLM's class name, for `auto_map` and for readers who know NVIDIA's checkpoints.
-DeciLMConfig = PuzzleConfig
+class DeciLMConfig(PuzzleConfig):
+    """``PuzzleConfig`` under DeciLM's class name: what ``auto_map`` in an exported config.json
+    names, so a loaded config (and a folder re-saved from it) carries NVIDIA's names."""
 
-__all__ = ["PuzzleConfig", "DeciLMConfig", "find_multiple", "ffn_mult_to_width", "width_to_ffn_mult"]
+
+__all__ = ["PuzzleConfig", "DeciLMConfig", "find_multiple", "ffn_mult_to_width", "width_to_ffn_mult",
+           "legacy_rope_fields"]

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .configuration_decilm import PuzzleConfig
+from .configuration_decilm import DeciLMConfig, PuzzleConfig
 
 
 class PuzzleRMSNorm(nn.Module):
@@ -370,7 +370,12 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
                                       hidden_states=tuple(states) if states is not None else None)
 
 
-# DeciLM's class name, for `auto_map` and `architectures`.
-DeciLMForCausalLM = PuzzleForCausalLM
+class DeciLMForCausalLM(PuzzleForCausalLM):
+    """``PuzzleForCausalLM`` under DeciLM's class name: what ``auto_map`` and ``architectures`` in an
+    exported config.json name, so ``save_pretrained`` of a loaded child writes
+    ``architectures: ["DeciLMForCausalLM"]`` again (vLLM dispatches on that name)."""
 
-__all__ = ["PuzzleForCausalLM", "DeciLMForCausalLM", "PuzzleModel", "PuzzleCache", "PuzzleConfig"]
+    config_class = DeciLMConfig
+
+
+__all__ = ["PuzzleForCausalLM", "DeciLMForCausalLM", "PuzzleModel", "PuzzleCache", "PuzzleConfig", "DeciLMConfig"]

@@ -1,5 +1,7 @@
 """Self-contained DeciLM checkpoints: round trip, fresh-process loading without puzzlelib,
-ffn_mult, strict loading, vLLM compatibility, and lm-eval's HFLM on a child."""
+the fields other DeciLM readers need (intermediate_size + ffn_mult, top-level RoPE, o_proj_bias),
+strict loading, vLLM / NVIDIA compatibility, the folder's README + lm-eval command, and lm-eval's
+HFLM on a child. tests/test_export_decilm4.py loads a child under transformers 4.53 (slow)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from puzzlelib.blocks import build_child
-from puzzlelib.export import CheckpointError, load_checkpoint, save_checkpoint, vllm_compatible
+from puzzlelib.export import (CheckpointError, load_checkpoint, nvidia_decilm_compatible, save_checkpoint,
+                              vllm_compatible)
 from puzzlelib.model import PuzzleForCausalLM
 from conftest import tiny_config
 
@@ -33,7 +36,9 @@ with torch.no_grad():
     gen = m.generate(x[:1], max_new_tokens=8, do_sample=False, pad_token_id=2)
 tok = AutoTokenizer.from_pretrained(CKPT)
 torch.save({"logits": logits, "gen": gen}, CKPT + "/out.pt")
-print(type(m).__name__, tok.vocab_size)
+print(type(m).__name__, type(m.config).__name__, tok.vocab_size)
+m.save_pretrained(CKPT + "/again")  # a re-saved folder keeps DeciLM's names (vLLM dispatches on them)
+print(json.load(open(CKPT + "/again/config.json"))["architectures"])
 """
 
 
@@ -53,7 +58,7 @@ def test_mixed_child_loads_in_fresh_process_without_puzzlelib(child, tiny_tokeni
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "PuzzleForCausalLM 300" in r.stdout
+    assert "DeciLMForCausalLM DeciLMConfig 300\n['DeciLMForCausalLM']" in r.stdout
     out = torch.load(ckpt / "out.pt")
     with torch.no_grad():
         assert torch.allclose(out["logits"], child(x).logits, atol=1e-6)
@@ -64,14 +69,22 @@ def test_mixed_child_loads_in_fresh_process_without_puzzlelib(child, tiny_tokeni
 def test_checkpoint_layout_and_schema(child, tmp_path):
     ckpt = save_checkpoint(child, tmp_path / "c")
     files = sorted(p.name for p in ckpt.iterdir())
-    assert files == ["config.json", "configuration_decilm.py", "generation_config.json", "model.safetensors", "modeling_decilm.py"]
+    assert files == ["README.md", "config.json", "configuration_decilm.py", "export.json", "generation_config.json",
+                     "model.safetensors", "modeling_decilm.py"]
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
     assert cfg["num_key_value_heads"] is None and cfg["intermediate_size"] is None
-    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                               "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+    assert cfg["head_dim"] == 16 and cfg["o_proj_bias"] is False and cfg["pretraining_tp"] == 1
+    assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
     b = cfg["block_configs"]
     assert b[0] == {"attention": {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False},
-                    "ffn": {"ffn_mult": None, "intermediate_size": 48, "no_op": False, "replace_with_linear": False}}
+                    "ffn": {"ffn_mult": None, "intermediate_size": 48, "hidden_act": "silu", "gated": True,
+                            "no_op": False, "replace_with_linear": False}}
+    assert b[1]["ffn"] == {"ffn_mult": None, "intermediate_size": None, "no_op": False, "replace_with_linear": True}
+    assert b[3]["ffn"]["intermediate_size"] == 24
     assert b[1]["attention"]["replace_with_linear"] and b[1]["ffn"]["replace_with_linear"]
     assert b[2]["attention"]["n_heads_in_group"] == 4 and b[2]["ffn"]["no_op"]
     from safetensors import safe_open
@@ -89,7 +102,9 @@ def test_ffn_mult_round_trip_for_multiples_of_256(tmp_path):
     child = build_child(parent, [("attn:kv2", "ffn:0.50"), ("attn:kv2", "ffn:0.25")])  # widths 256, 128
     ckpt = save_checkpoint(child, tmp_path / "m")
     b = json.loads((ckpt / "config.json").read_text())["block_configs"]
-    assert b[0]["ffn"] == {"ffn_mult": 6.0, "no_op": False, "replace_with_linear": False}  # int(2*6*64/3)=256
+    # Both: NVIDIA's later code reads intermediate_size only, vLLM derives the width from ffn_mult.
+    assert b[0]["ffn"] == {"ffn_mult": 6.0, "intermediate_size": 256, "hidden_act": "silu", "gated": True,
+                           "no_op": False, "replace_with_linear": False}  # int(2*6*64/3)=256
     assert b[1]["ffn"]["ffn_mult"] is None and b[1]["ffn"]["intermediate_size"] == 128
     back = load_checkpoint(ckpt)
     assert [back.config.ffn_width(i) for i in range(2)] == [256, 128]
@@ -133,10 +148,108 @@ def test_failed_save_leaves_nothing(child, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_vllm_compatibility_report(child):
+def test_vllm_and_nvidia_compatibility_report(child, tmp_path):
     ok, reasons = vllm_compatible(child.config)
-    assert not ok and reasons == ["layer 1: attention replaced by a linear layer", "layer 1: ffn replaced by a linear layer"]
-    assert vllm_compatible(tiny_config())[0]
+    assert not ok and reasons == ["layer 1: attention replaced by a linear layer", "layer 1: ffn replaced by a linear layer",
+                                  "layer 0: FFN width 48 is not a multiple of 256",
+                                  "layer 3: FFN width 24 is not a multiple of 256"]
+    ok, reasons = nvidia_decilm_compatible(child.config)  # NVIDIA's code builds linear sub-blocks
+    assert not ok and reasons == ["layer 0: FFN width 48 is not a multiple of 256", "layer 3: FFN width 24 is not a multiple of 256"]
+    on_grid = tiny_config(intermediate_size=512)
+    assert vllm_compatible(on_grid) == (True, []) and nvidia_decilm_compatible(on_grid) == (True, [])
+    assert vllm_compatible(tiny_config()) == (False, ["layer 0: FFN width 96 is not a multiple of 256",
+                                                      "layer 1: FFN width 96 is not a multiple of 256"])
+    # The exported folder says the same, for tools (export.json) and people (README.md).
+    ckpt = save_checkpoint(child, tmp_path / "c")
+    info = json.loads((ckpt / "export.json").read_text())
+    assert info["vllm"] == {"compatible": False, "reasons": vllm_compatible(child.config)[1]}
+    assert info["nvidia_decilm"]["compatible"] is False and "transformers>=5" in info["transformers"]
+    readme = (ckpt / "README.md").read_text()
+    assert "- vLLM (`DeciLMForCausalLM`): no — layer 1: attention replaced by a linear layer;" in readme
+    assert "lm_eval" not in readme  # no stage-06 settings given: no command to show
+
+
+def test_rope_fields_at_top_level_equal_the_parents(tmp_path):
+    """4.x-era readers (NVIDIA's DeciLM code) read rope_theta / rope_scaling, not rope_parameters."""
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    yarn = {"rope_type": "yarn", "rope_theta": 20000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    for rope in (llama3, yarn, {"rope_type": "default", "rope_theta": 123.0}):
+        torch.manual_seed(0)
+        m = PuzzleForCausalLM(tiny_config(rope_parameters=dict(rope))).eval()
+        ckpt = save_checkpoint(m, tmp_path / rope["rope_type"])
+        cfg = json.loads((ckpt / "config.json").read_text())
+        assert cfg["rope_theta"] == rope["rope_theta"]
+        want = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+        assert cfg["rope_scaling"] == want
+        back = load_checkpoint(ckpt)
+        assert back.config.rope_parameters == m.config.rope_parameters
+        x = torch.randint(3, 300, (1, 40))
+        assert torch.allclose(back(x).logits, m(x).logits, atol=1e-6)
+    # A folder whose two RoPE descriptions disagree is refused, not read one way here and another there.
+    cfg["rope_theta"] = 10000.0
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rope_theta=10000.0 / rope_scaling=None disagree with rope_parameters"):
+        load_checkpoint(ckpt)
+
+
+def test_llama_with_attention_bias_round_trips_o_proj_bias(tmp_path):
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from puzzlelib.model import from_llama
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True)).eval()
+    for layer in llama.model.layers:  # non-zero biases, so dropping one would change the logits
+        torch.nn.init.normal_(layer.self_attn.o_proj.bias, std=0.5)
+    ckpt = save_checkpoint(from_llama(llama), tmp_path / "b")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["o_proj_bias"] is True and cfg["attention_bias"] is True
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.1.self_attn.o_proj.bias"), llama.model.layers[1].self_attn.o_proj.bias)
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(load_checkpoint(ckpt)(x).logits, llama(x).logits, atol=1e-5)
+    cfg["o_proj_bias"] = False  # this model cannot drop o_proj's bias alone: refuse, do not ignore
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="o_proj_bias=False differs from attention_bias=True"):
+        load_checkpoint(ckpt)
+
+
+def test_inconsistent_ffn_fields_are_refused(tmp_path):
+    torch.manual_seed(0)
+    m = PuzzleForCausalLM(tiny_config(intermediate_size=512)).eval()
+    ckpt = save_checkpoint(m, tmp_path / "m")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    good = json.dumps(cfg)
+    cfg["block_configs"][1]["ffn"]["ffn_mult"] = 3.0  # int(2*3*64/3)=128, rounded up to 256 by ffn_mult readers
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"block_configs\[1\].ffn: ffn_mult=3.0 gives width 256 but intermediate_size=512"):
+        load_checkpoint(ckpt)
+    cfg = json.loads(good)
+    cfg["block_configs"][0]["ffn"]["hidden_act"] = "gelu"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="only gated SiLU"):
+        load_checkpoint(ckpt)
+
+
+def test_readme_carries_the_stage_06_lm_eval_command(child, tiny_tokenizer, tmp_path):
+    settings = {"max_length": 77, "prefix_token_id": 1, "tasks": ["next_line", "bpb"], "batch_size": 4,
+                "tasks_dir": str(tmp_path / "tasks")}
+    ckpt = save_checkpoint(child, tmp_path / "c", tokenizer=tiny_tokenizer, lm_eval=settings)
+    info = json.loads((ckpt / "export.json").read_text())
+    cmd = info["lm_eval"]["command"]
+    assert cmd[:3] == ["lm_eval", "--model", "hf"]
+    args = dict(kv.split("=", 1) for kv in cmd[cmd.index("--model_args") + 1].split(","))
+    assert args == {"pretrained": str(ckpt.absolute()), "trust_remote_code": "True", "max_length": "77",
+                    "prefix_token_id": "1"}
+    assert cmd[cmd.index("--tasks") + 1] == "next_line,bpb" and cmd[cmd.index("--batch_size") + 1] == "4"
+    assert cmd[cmd.index("--include_path") + 1] == str((tmp_path / "tasks").absolute())
+    readme = (ckpt / "README.md").read_text()
+    assert "max_length=77" in readme and "prefix_token_id=1" in readme
+    assert " ".join(cmd) in readme  # no character needs quoting in these paths
 
 
 @pytest.mark.filterwarnings("ignore")
