@@ -179,7 +179,9 @@ def _largest_fitting(v: dict[str, Any], name: str, wheres: tuple[str, ...], limi
             lo = mid
         else:
             hi = mid - 1
-    return lo
+    if name == "parent_hidden_size":  # a valid width: whole heads of an even head dim
+        lo -= lo % (2 * v["parent_num_heads"])
+    return lo or None
 
 
 def memory_errors(c: RunConfig) -> list[str]:
