@@ -32,6 +32,7 @@ for a bool field is refused, because in Python it would silently be truthy.
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +257,7 @@ class RunConfig:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, PRESETS)}. "
                               f"Available presets: {', '.join(PRESETS)}.")
-        overrides = dict(overrides or {})
+        overrides = parse_overrides(overrides)
         _check_keys(overrides, "overrides")
         if "preset" in overrides:
             raise ConfigError("'preset' cannot be overridden: pass it as the preset argument "
@@ -385,6 +386,38 @@ def parse_set_args(args: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {arg}: {key} expects {_type_word(base)}, got {text!r}"
                               ) from None
     return out
+
+
+def parse_overrides(value: Any) -> dict[str, Any]:
+    """`overrides` as a notebook or the API may get it: a dict; None; or a string, as papermill's
+    `-p overrides '{"seq_len": 64}'` passes it: a JSON object, or `key=value[,key=value]` (typed
+    like --set; a comma starts a new pair only before `name=`, so `bld_kv_heads=2,1` stays one).
+    Anything else is refused saying which types are accepted."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"overrides {value!r} is not a valid JSON object ({e.msg} at "
+                                  f"character {e.pos}); write it like "
+                                  '\'{"seq_len": 64, "search_speedup": 2.0}\'') from None
+            return parse_overrides(parsed)
+        pairs = re.split(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)", text)
+        if not all("=" in p for p in pairs):
+            raise ConfigError(f"overrides {value!r}: a string must be a JSON object "
+                              '(\'{"seq_len": 64}\') or key=value pairs separated by commas '
+                              "('seq_len=64,search_speedup=2')")
+        return parse_set_args([p.strip() for p in pairs])
+    raise ConfigError(f"overrides must be a dict (e.g. {{'seq_len': 64}}), a JSON object string "
+                      "or a 'key=value[,key=value]' string; got "
+                      f"{type(value).__name__} {value!r}")
 
 
 def _parse_text(text: str, base: type) -> Any:

@@ -287,14 +287,23 @@ def load_corpus(spec: str, max_bytes: int, heldout_fraction: float, seed: int) -
             total += n
     if not picked:
         if any(t.strip() for _, t in entries):
-            why = f"max_bytes={max_bytes} is smaller than every document; raise max_bytes"
+            why = (f"corpus_max_bytes={max_bytes} is smaller than every document; raise "
+                   "corpus_max_bytes")
         else:
             why = "it holds no text" + (f"; skipped (> 1 MB or not UTF-8): {skipped[:5]}"
                                         if skipped else "")
         raise DataError(f"corpus {spec!r} is empty: {why}")
     if heldout_fraction > 0 and len(picked) < 2:
-        raise DataError(f"corpus {spec!r} has one document, so nothing can be held out; add "
-                        "documents, raise max_bytes, or set heldout_fraction=0")
+        # Only advice that works: heldout_fraction must stay > 0 (validation.py), and the cap is
+        # the config field corpus_max_bytes.
+        texts = sum(1 for _, t in entries if t.strip())
+        more = (f"raise corpus_max_bytes (now {max_bytes}): only one of its {texts} documents fits"
+                if texts > 1 else
+                "add documents: more lines in a .jsonl, more files in a folder, or more text in a "
+                ".txt (it is cut at line ends into pieces of at least 1 KB: give it 2 KB or more, "
+                "over several lines)")
+        raise DataError(f"corpus {spec!r} has one document, so nothing can be held out for "
+                        f"evaluation; {more}")
     train, heldout = split_files(picked, heldout_fraction, seed, key=lambda e: e[0])
     h = hashlib.sha256()
     for side, docs in (("train", train), ("heldout", heldout)):

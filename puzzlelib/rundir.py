@@ -358,7 +358,10 @@ class RunDir:
             have = sorted(q.parent.name for q in resolve_path(runs_root).glob("*/config.json"))
             raise FileNotFoundError(f"no run named {run_name!r} under {resolve_path(runs_root)} "
                                     f"(runs there: {', '.join(have) or 'none'})")
-        cfg = RunConfig.load(root / "config.json").replace(runs_root=str(runs_root))
+        # The folder's own name, not the run_name inside config.json: a copied run folder
+        # (cp -r runs/a runs/b) is run b, read from runs/b.
+        cfg = RunConfig.load(root / "config.json").replace(runs_root=str(runs_root),
+                                                           run_name=run_name)
         return cls(cfg, create=False)
 
     # ---- paths and manifests ----
@@ -408,6 +411,9 @@ class RunDir:
                                    "process that ran it died; run the stage again")
         if status == "failed":
             err = m.get("error") or {}
+            if err.get("type") == "KeyboardInterrupt":  # Ctrl-C, a kernel interrupt, SIGTERM
+                return "interrupted", ("stopped by Ctrl-C or a signal while it ran; run the "
+                                       "stage again")
             return "failed", f"{err.get('type', 'error')}: {err.get('message', '?')}"
         if status != "done":
             detail = (m.get("error") or {}).get("message", "")
@@ -538,8 +544,12 @@ class RunDir:
         if state == "fresh":
             return self.manifest(stage)  # type: ignore[return-value]
         status = state + (f": {reason}" if reason else "")
+        # Where it looked: a relative runs_root resolves against the project folder (the one
+        # holding notebooks/), else the current directory, so the API used from elsewhere finds
+        # nothing; the path makes that plain.
+        where = f" Looked in {self.stage_dir(stage)}." if state == "missing" else ""
         raise StageNotReady(f"Stage {stage} has not finished for run {self.cfg.run_name!r} "
-                            f"(status: {status}). {self.how_to_run(stage)} first.")
+                            f"(status: {status}).{where} {self.how_to_run(stage)} first.")
 
     def _lock_is_held(self, stage: str) -> bool:
         path = self._lock_path(stage)

@@ -11,13 +11,26 @@ code 2 before any notebook starts or any report file is written), then runs
 overrides), and writes `reports/<run_name>/<stage>.ipynb` + `.html` and a `pipeline.json`
 summary. It stops at the first failing notebook, prints the failing cell's error, and exits 1.
 
-Each notebook runs in a child process (papermill + a fresh kernel) with an environment that keeps
-everything inside the repo and offline: HF_*_OFFLINE=1, HF_HOME / Jupyter / IPython / matplotlib
-dirs under <repo>/.cache (each only when not already set, so `HF_HUB_OFFLINE=0 python -m puzzlelib
-...` still works on a machine with network). A child process, rather than papermill in this
-process, is how the environment reaches the kernel without mutating this process's os.environ.
+While a notebook runs, one live line shows the stage's own progress (the cell, the latest tqdm bar
+or printed line of the kernel; progress.py), redrawn in place on a terminal and printed at most
+every 30 s elsewhere; a finished stage prints one line with its time and key numbers. `--log-output`
+streams every cell output instead (papermill's log, with its cell markers).
 
-Reads: notebooks/*.ipynb, runs/<run_name>/ (for `status` and the upstream pre-check).
+Each notebook runs in a child process (papermill + a fresh kernel) with an environment that keeps
+everything inside the repo: HF_HOME / Jupyter / IPython / matplotlib dirs under <repo>/.cache, each
+only when not already set. The hub: offline (HF_*_OFFLINE=1) unless the config asks for a hub id
+(a parent like meta-llama/Llama-3.2-1B, an hf: corpus) and HF_HUB_OFFLINE is not set, then online,
+said in one line; an HF_HUB_OFFLINE the user set always wins. A child process, rather than
+papermill in this process, is how the environment reaches the kernel without mutating this
+process's os.environ.
+
+Signals: Ctrl-C, SIGTERM (timeout, kill, a batch scheduler) and SIGHUP stop the whole tree the
+same way: the notebook process gets one SIGINT (papermill stops the kernel and saves the notebook
+so far), whatever is left after a grace period is killed, and only then is the pipeline lock
+released; the stage reads "interrupted" and the runner exits 130 / 143 / 129 with one line.
+
+Reads: notebooks/*.ipynb, runs/<run_name>/ (for `status`, `figure` and the upstream pre-check;
+every command takes a validated run name and reads exactly the folder it names).
 Writes: reports/<run_name>/ only, and holds runs/<run_name>/.locks/pipeline.lock while it runs (a
 second runner on the same run name is refused instead of overwriting the reports; the stage locks
 of rundir.py guard the artifacts); the notebooks themselves write runs/<run_name>/.
@@ -26,12 +39,17 @@ must run (and fail clearly) without torch or any stage module.
 """
 
 import argparse
+import datetime
+import errno
 import json
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,8 +58,10 @@ from typing import Any, Callable
 
 
 from .config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
+from .progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
 from .rundir import (NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text,
                      try_lock)
+from .validation import RUN_NAME_PATTERN
 
 KERNEL_NAME = "python3"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -56,6 +76,27 @@ class RunLocked(RuntimeError):
     """Another process is running the pipeline for the same run name (exit code 3)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised in the main thread by the CLI's handler: a KeyboardInterrupt, so
+    every path that cleans up after Ctrl-C cleans up after these too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """A notebook was stopped by a signal; its process tree is gone when this is raised."""
+
+    def __init__(self, signum: int, result: "StageResult"):
+        super().__init__(f"{signal.Signals(signum).name} during {result.stage}")
+        self.signum, self.stage, self.result = signum, result.stage, result
+
+
+# How long the notebook process may take to stop its kernel and save the notebook after SIGINT.
+STOP_GRACE_SECONDS = 20.0
+
+
 # Next to the stage locks of rundir.py, not in reports/ (which is committed for the default run).
 PIPELINE_LOCK = Path(".locks") / "pipeline.lock"
 
@@ -63,7 +104,9 @@ PIPELINE_LOCK = Path(".locks") / "pipeline.lock"
 @dataclass
 class StageResult:
     stage: str
-    status: str  # "ok" | "error" (a cell raised) | "crash" (kernel/papermill died) | "skipped"
+    # "ok" | "error" (a cell raised) | "crash" (kernel/papermill died) | "skipped" |
+    # "interrupted" (Ctrl-C, SIGTERM)
+    status: str
     seconds: float = 0.0
     notebook: str | None = None
     html: str | None = None
@@ -114,12 +157,20 @@ def _stage_index(token: str, spec: str) -> int:
                      f"({', '.join(STAGES)}) or all")
 
 
-def kernel_env(repo_root: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for the notebook process and its kernel: offline, caches under <repo>/.cache."""
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def kernel_env(repo_root: Path, base: dict[str, str] | None = None,
+               online: bool = False) -> dict[str, str]:
+    """Environment for the notebook process and its kernel: caches under <repo>/.cache, and the
+    hub offline unless `online` (see hub_access). A HF_HUB_OFFLINE the user set is kept and the
+    other two offline switches follow it, so `HF_HUB_OFFLINE=0` means online for all three."""
     env = dict(os.environ if base is None else base)
     cache = repo_root / ".cache"
+    user = env.get("HF_HUB_OFFLINE")
+    offline = {} if online else {k: user if user is not None else "1" for k in _OFFLINE_VARS}
     defaults = {
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        **offline,
         "HF_HOME": str(cache / "hf"),
         "JUPYTER_CONFIG_DIR": str(cache / "jupyter" / "config"),
         "JUPYTER_DATA_DIR": str(cache / "jupyter" / "data"),
@@ -149,6 +200,30 @@ def _resolve(repo_root: Path, p: str) -> Path:
     return Path(p) if Path(p).is_absolute() else repo_root / p
 
 
+def _is_hub_id(parent: str, repo_root: Path) -> bool:
+    """'org/name' or 'name' that is not a local folder (a path starts with / . ~ or has 2+ '/')."""
+    if parent == "embedded" or parent.startswith(("/", ".", "~")) or parent.count("/") > 1:
+        return False
+    return not _resolve(repo_root, os.path.expanduser(parent)).exists()
+
+
+def hub_access(cfg: RunConfig, repo_root: Path,
+               environ: dict[str, str] | None = None) -> tuple[bool, str | None]:
+    """(online, the line to say): online when the config names something on the hub (a parent hub
+    id, an hf: corpus) and the user has not set HF_HUB_OFFLINE; the embedded path stays offline."""
+    environ = os.environ if environ is None else environ
+    wants = []
+    if _is_hub_id(cfg.parent, repo_root):
+        wants.append(f"parent {cfg.parent!r}")
+    if cfg.corpus.startswith("hf:"):
+        wants.append(f"corpus {cfg.corpus!r}")
+    if not wants or "HF_HUB_OFFLINE" in environ:
+        return False, None
+    return True, (f"puzzlelib: {' and '.join(wants)} come{'s' if len(wants) == 1 else ''} from the "
+                  "Hugging Face hub: the notebooks may download (set HF_HUB_OFFLINE=1 to use only "
+                  "what is cached)")
+
+
 def _check_corpus(cfg: RunConfig, repo_root: Path) -> None:
     """config.py cannot check a local corpus path: only here is the notebooks' cwd known."""
     if cfg.corpus != "stdlib" and not cfg.corpus.startswith("hf:"):
@@ -166,14 +241,24 @@ def _check_parent(cfg: RunConfig, repo_root: Path) -> None:
     weights) so a bad one fails before anything is written; a hub id is left to stage 00."""
     if cfg.parent == "embedded":
         return
+    from .parent_source import NAMED_PARENTS, ParentSourceError, check  # no torch at import
+
+    if cfg.parent.lower().endswith(".gguf") or cfg.parent in NAMED_PARENTS:
+        # A GGUF file (header only) or a named real parent (cached? else: the command to run).
+        gguf = cfg.parent.lower().endswith(".gguf")
+        try:
+            check(str(_resolve(repo_root, os.path.expanduser(cfg.parent))) if gguf else cfg.parent,
+                  cfg.seq_len, cache_dir=repo_root / ".cache" / "parents")
+        except ParentSourceError as e:
+            raise ConfigError(f"parent {cfg.parent!r}: {e}") from None
+        return
     path = _resolve(repo_root, os.path.expanduser(cfg.parent))
     # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
-    path_like = cfg.parent.startswith(("/", ".", "~")) or cfg.parent.count("/") > 1
-    if not path.exists():
-        if path_like:
-            raise ConfigError(f"parent {cfg.parent!r}: no such directory ({path}); set parent to a "
-                              "local Hugging Face model folder, a hub id or 'embedded'")
+    if _is_hub_id(cfg.parent, repo_root):
         return
+    if not path.exists():
+        raise ConfigError(f"parent {cfg.parent!r}: no such directory ({path}); set parent to a "
+                          "local Hugging Face model folder, a hub id or 'embedded'")
     from .model import ParentError, check_parent_dir  # imports torch: only for local parents
 
     try:
@@ -200,6 +285,36 @@ def _check_writable(name: str, value: str, repo_root: Path) -> None:
                           f"{name} to a writable folder") from None
 
 
+def check_run_name(name: str) -> str:
+    """The rule `run` applies (validation.py), for every command that takes --run-name: the name
+    becomes a folder under runs/ and reports/, so no separators, no '..', no leading dot."""
+    if not re.fullmatch(RUN_NAME_PATTERN, name or ""):
+        raise UsageError(f"run_name {name!r} is not a safe folder name: use 1-64 of A-Z a-z 0-9 . "
+                         "_ - starting with a letter or digit (no '/', no spaces), e.g. "
+                         "--run-name smoke-2")
+    return name
+
+
+def check_links(path: Path, what: str) -> None:
+    """`path` and the folders above it may be symbolic links, but each must lead somewhere: a
+    link loop or a link to nothing is refused in one line, before anything is written (mkdir
+    through it would fail half-way with a raw traceback, after the report folder was made)."""
+    for p in [path, *path.parents]:
+        if not p.is_symlink():
+            continue
+        try:
+            os.stat(p)
+        except OSError as e:
+            target = os.readlink(p)
+            why = ("is a symbolic link loop" if e.errno == errno.ELOOP else
+                   f"is a symbolic link to {target}, which does not exist")
+            raise UsageError(f"{what} {path}: {p} {why}; remove the link (rm {p}) or point it at "
+                             "a folder") from None
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder; remove it or use another "
+                         "--run-name")
+
+
 def _check_upstream(cfg: RunConfig, repo_root: Path, will_run: list[str]) -> None:
     """Every stage read by a stage we run must either run too or already be fresh."""
     rd = RunDir(cfg.replace(runs_root=str(_resolve(repo_root, cfg.runs_root))), create=False)
@@ -208,6 +323,8 @@ def _check_upstream(cfg: RunConfig, repo_root: Path, will_run: list[str]) -> Non
             if u in will_run:
                 continue
             state, reason = rd.state(u)
+            if state == "missing":
+                reason = f"nothing in {rd.stage_dir(u)}"
             if state != "fresh":
                 need = sorted({u, *will_run}, key=STAGES.index)
                 raise UsageError(
@@ -229,10 +346,13 @@ def run_pipeline(
     log_output: bool = False,
     kernel_name: str = KERNEL_NAME,
     echo: Callable[[str], None] = lambda s: print(s, flush=True),
+    progress: bool | None = None,
 ) -> PipelineResult:
     """Validate, then run the selected notebooks in order. Raises ConfigError / UsageError for bad
-    input (nothing has been written then) and RunLocked when another process is running the same
-    run name; returns exit_code 0 (all ok) or 1 (a notebook failed)."""
+    input (nothing has been written then), RunLocked when another process is running the same run
+    name, and Interrupted (a KeyboardInterrupt) when Ctrl-C or a signal stopped a notebook (its
+    process tree is gone by then); returns exit_code 0 (all ok) or 1 (a notebook failed).
+    `progress`: the live line on stdout (progress.py); default on unless `log_output`."""
     overrides = dict(overrides or {})
     if force:
         overrides["force"] = True
@@ -251,11 +371,17 @@ def run_pipeline(
     todo = [(s, p) for s, p in found if p.is_file()]
     if not todo:
         raise UsageError(f"no notebook to run: none of {', '.join(selected)} exists in {nb_dir}")
+    run_dir = _resolve(repo_root, cfg.runs_root) / cfg.run_name
+    report_dir = _resolve(repo_root, cfg.reports_root) / cfg.run_name
+    check_links(run_dir, "run folder")
+    check_links(report_dir, "report folder")
     _check_upstream(cfg, repo_root, [s for s, _ in todo])
     if "00_parent" in selected:
         _check_parent(cfg, repo_root)
+    online, hub_note = hub_access(cfg, repo_root)
+    if hub_note:
+        echo(hub_note)
 
-    report_dir = _resolve(repo_root, cfg.reports_root) / cfg.run_name
     report_dir.mkdir(parents=True, exist_ok=True)
     # One runner per run name: a second one would overwrite the executed notebooks and
     # pipeline.json under the first one's feet (the stage locks already guard runs/<run>/). The
@@ -266,15 +392,16 @@ def run_pipeline(
                         f"file {path}); wait for it to finish or use another --run-name"))
     try:
         return _run_locked(cfg, preset, overrides, todo, missing, report_dir, repo_root, log_output,
-                           kernel_name, echo)
-    finally:
+                           kernel_name, echo, online,
+                           (not log_output) if progress is None else progress)
+    finally:  # after _run_locked: an interrupted notebook's processes are gone by then
         lock.release()
 
 
 def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: list, missing: list,
                 report_dir: Path, repo_root: Path, log_output: bool, kernel_name: str,
-                echo: Callable[[str], None]) -> PipelineResult:
-    env = kernel_env(repo_root)
+                echo: Callable[[str], None], online: bool, progress: bool) -> PipelineResult:
+    env = kernel_env(repo_root, online=online)
     for k in ("HF_HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
         Path(env[k]).mkdir(parents=True, exist_ok=True)
     params = {"run_name": cfg.run_name, "preset": preset, "overrides": overrides}
@@ -287,14 +414,25 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
         echo(f"  note: no notebook yet for {', '.join(missing)}; skipped")
         result.stages += [StageResult(s, "skipped") for s in missing]
 
+    rd = RunDir(cfg.replace(runs_root=str(_resolve(repo_root, cfg.runs_root))), create=False)
     for i, (stage, nb_path) in enumerate(todo, 1):
-        echo(f"[{i}/{len(todo)}] {stage}: executing {nb_path}")
-        r = _execute(stage, nb_path, report_dir, params, repo_root, env, log_output, kernel_name)
+        head = f"[{i}/{len(todo)}] {stage}"
+        echo(f"{head}: executing {nb_path}")
+        started = datetime.datetime.now(datetime.timezone.utc)
+        display = ProgressDisplay(head) if progress else None
+        try:
+            r = _execute(stage, nb_path, report_dir, params, repo_root, env, log_output,
+                         kernel_name, display)
+        except Interrupted as e:
+            result.stages.append(e.result)
+            summary["stages"].append(vars(e.result))
+            atomic_write_json(report_dir / "pipeline.json", summary)
+            raise
         result.stages.append(r)
         summary["stages"].append(vars(r))
         atomic_write_json(report_dir / "pipeline.json", summary)
         if r.status == "ok":
-            echo(f"[{i}/{len(todo)}] {stage}: done in {r.seconds:.1f} s -> {r.html or r.notebook}")
+            echo(summary_line(head, r.seconds, rd.manifest(stage), started))
             continue
         echo(_format_failure(r, i, len(todo)))
         result.exit_code = 1
@@ -310,29 +448,55 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
 
 
 def _execute(stage: str, nb_path: Path, report_dir: Path, params: dict, repo_root: Path,
-             env: dict[str, str], log_output: bool, kernel_name: str) -> StageResult:
-    """Run one notebook in a child process (see module doc) and collect its result."""
+             env: dict[str, str], log_output: bool, kernel_name: str,
+             display: ProgressDisplay | None = None) -> StageResult:
+    """Run one notebook in a child process (see module doc) and collect its result. With a
+    `display`, the child's progress events and output come back through pipes and are shown by it;
+    without, the child writes to this process's stdout / stderr directly (--log-output)."""
     out_nb, out_html = report_dir / f"{stage}.ipynb", report_dir / f"{stage}.html"
     with tempfile.TemporaryDirectory(prefix="puzzlelib-run-") as tmp:
         spec = {"input": str(nb_path), "output": str(out_nb), "html": str(out_html),
                 "parameters": params, "cwd": str(repo_root), "kernel_name": kernel_name,
-                "log_output": log_output, "result": str(Path(tmp) / "result.json")}
+                "log_output": log_output, "result": str(Path(tmp) / "result.json"),
+                "progress_fd": None}
+        events_r = events_w = None
+        if display is not None:
+            events_r, events_w = os.pipe()
+            spec["progress_fd"] = events_w
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         code = "import sys; from puzzlelib.runner import _child; sys.exit(_child(sys.argv[1]))"
+        piped = subprocess.PIPE if display is not None else None
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", code, str(spec_path)], env=env,
-                                cwd=repo_root)
+        # A session of its own: a Ctrl-C on the terminal reaches only this process, which stops
+        # the child exactly once (_stop_tree); two SIGINTs could cut papermill's cleanup short.
         try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to the child too; give papermill time to stop the kernel.
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
+            proc = subprocess.Popen([sys.executable, "-c", code, str(spec_path)], env=env,
+                                    cwd=repo_root, stdin=subprocess.DEVNULL, stdout=piped,
+                                    stderr=subprocess.STDOUT if piped else None,
+                                    pass_fds=(events_w,) if events_w is not None else (),
+                                    start_new_session=True)
+        finally:
+            if events_w is not None:
+                os.close(events_w)  # the child holds it now: EOF when the child is gone
+        try:
+            rc = _follow(proc, events_r, display)
+        except KeyboardInterrupt as e:
+            if display is not None:
+                display.close()
+            _stop_tree(proc)
+            seconds = time.perf_counter() - t0
+            r = StageResult(stage, "interrupted", seconds,
+                            notebook=str(out_nb) if out_nb.is_file() else None,
+                            html=str(out_html) if out_html.is_file() else None,
+                            error={"ename": "Interrupted", "evalue": str(e) or "SIGINT",
+                                   "traceback": []})
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), r) from None
+        finally:
+            if events_r is not None:
+                os.close(events_r)
+            if display is not None:
+                display.close()
         seconds = time.perf_counter() - t0
         result_path = Path(spec["result"])
         if rc != 0 or not result_path.is_file():
@@ -344,6 +508,110 @@ def _execute(stage: str, nb_path: Path, report_dir: Path, params: dict, repo_roo
                        notebook=str(out_nb) if out_nb.is_file() else None,
                        html=str(out_html) if out_html.is_file() else None,
                        error=res.get("error"))
+
+
+def _follow(proc: subprocess.Popen, events_fd: int | None,
+            display: ProgressDisplay | None) -> int:
+    """Wait for the notebook process; meanwhile feed its progress events and output lines to the
+    display (two reader threads, one queue, this thread draws). Returns its exit code."""
+    if display is None:
+        return proc.wait()
+    q: queue.Queue = queue.Queue()
+
+    def read_events() -> None:
+        with os.fdopen(os.dup(events_fd), "rb") as f:
+            for raw in f:
+                try:
+                    q.put(("event", json.loads(raw)))
+                except ValueError:
+                    pass
+        q.put(("eof", None))
+
+    def read_output() -> None:
+        for raw in proc.stdout:
+            q.put(("text", raw.decode("utf-8", "replace")))
+        q.put(("eof", None))
+
+    for target in (read_events, read_output):
+        threading.Thread(target=target, daemon=True).start()
+    open_pipes, deadline = 2, None
+    while open_pipes:
+        try:
+            kind, item = q.get(timeout=0.5)
+        except queue.Empty:
+            kind, item = None, None
+        if kind == "event":
+            display.event(item)
+        elif kind == "text":
+            display.text(item)
+        elif kind == "eof":
+            open_pipes -= 1
+        if proc.poll() is not None:
+            # A kernel that outlives its notebook process still holds the output pipe; its
+            # parent poller ends it within a second or two. Do not wait for it forever.
+            deadline = deadline or time.monotonic() + 5
+            if time.monotonic() > deadline:
+                break
+        else:
+            display.tick()
+    return proc.wait()
+
+
+def _descendants(pid: int) -> list:
+    try:
+        import psutil  # a dependency (pyproject.toml); imported here: only stopping needs it
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # gone already, or no psutil: papermill's own cleanup is all there is
+        return []
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop the notebook process and everything below it (the kernel runs in a session of its
+    own, so no process group covers it): one SIGINT, as Ctrl-C would send, so papermill stops the
+    kernel and saves the notebook so far; whatever is still alive after `grace` seconds is
+    killed, and a second Ctrl-C / SIGTERM meanwhile kills at once. Returns when all are gone."""
+    tree = _descendants(proc.pid)
+
+    def kill_all(*_: Any) -> None:
+        for p in [proc, *tree]:
+            try:
+                p.kill()
+            except Exception:  # gone already
+                pass
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, kill_all) for s in _STOP_SIGNALS} if in_main else {}
+    try:
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            kill_all()
+            proc.wait()
+        try:
+            import psutil
+        except ImportError:
+            return
+        # The kernel: papermill kills it on the way out, else its parent poller ends it about a
+        # second after the notebook process is gone. Wait for that, then kill what is left.
+        _, alive = psutil.wait_procs(tree, timeout=max(2.0, deadline - time.monotonic()))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _format_failure(r: StageResult, i: int, n: int) -> str:
@@ -375,9 +643,20 @@ def _child(spec_path: str) -> int:
     from nbconvert import HTMLExporter
     from papermill.exceptions import PapermillExecutionError
 
+    # SIGTERM / SIGHUP sent to this process directly (a scheduler killing every process of a
+    # job) stop it like the runner's SIGINT does: papermill shuts the kernel down on the way out.
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.default_int_handler)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     spec = json.loads(Path(spec_path).read_text())
     if spec["log_output"]:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    live: dict[str, Any] = {}
+    if spec.get("progress_fd") is not None:  # the runner's live line: streams and cell numbers
+        sender = ProgressSender(spec["progress_fd"])
+        tap = StreamTap(sender)
+        live = {"stdout_file": tap, "stderr_file": tap, "on_notebook_start": sender.on_notebook_start,
+                "on_cell_start": sender.on_cell_start}
     out = Path(spec["output"])
     # papermill saves after every cell: run into a hidden file so reports/ never holds a
     # half-executed notebook under the final name.
@@ -389,9 +668,16 @@ def _child(spec_path: str) -> int:
     quiet = [] if spec["log_output"] else ["--IPKernelApp.log_level=CRITICAL"]
     try:
         pm.execute_notebook(spec["input"], str(running), parameters=spec["parameters"],
-                            kernel_name=spec["kernel_name"], cwd=spec["cwd"], progress_bar=True,
-                            log_output=spec["log_output"], start_timeout=120,
-                            extra_arguments=quiet)
+                            kernel_name=spec["kernel_name"], cwd=spec["cwd"],
+                            progress_bar=not live, log_output=spec["log_output"],
+                            start_timeout=120, extra_arguments=quiet, **live)
+    except KeyboardInterrupt:
+        # Stopped by the runner (or a signal): papermill has shut the kernel down. Save what ran,
+        # undisturbed by a second signal, and say so; no traceback, the runner prints one line.
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        result = {"status": "interrupted", "error": {
+            "ename": "KeyboardInterrupt", "evalue": "stopped by a signal", "traceback": []}}
     except PapermillExecutionError as e:
         result = {"status": "error", "error": {
             "ename": e.ename, "evalue": e.evalue, "cell_index": e.cell_index,
@@ -410,6 +696,14 @@ def _child(spec_path: str) -> int:
             print(f"puzzlelib: HTML export failed: {e}", file=sys.stderr)
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
+
+
+def _stop_when_orphaned(runner_pid: int) -> None:
+    """In the notebook process: if the runner dies without stopping us (SIGKILL, out of memory),
+    interrupt ourselves, as the runner would have, so no notebook trains on unwatched."""
+    while os.getppid() == runner_pid:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _clean_tb(tb: Any) -> list[str]:
@@ -448,61 +742,119 @@ def _build_parser() -> argparse.ArgumentParser:
     # Listed here for --help; __main__ hands `student` to student.main, which has its own options.
     sub.add_parser("student", help="write student copies of the notebooks (see: student --help)",
                    add_help=False)
+    # fetch-parent: parent_source.main parses its own options (see: fetch-parent --help).
+    sub.add_parser("fetch-parent", help="download a named real parent once (smollm2-135m) into "
+                   ".cache/parents/", add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point. Exit codes: 0 ok, 1 a notebook failed, 2 bad input, 3 another process is
-    running this run name, 130 interrupted."""
+    running this run name, 128 + the signal when stopped: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
     args = _build_parser().parse_args(argv)
+    old = _raise_on_termination()
     try:
-        if args.command == "show-config":
-            cfg = RunConfig.from_preset(args.preset, parse_set_args(args.sets), args.run_name)
-            print(json.dumps(cfg.to_dict(), indent=2) if args.json else cfg.summary())
-            return 0
-        if args.command == "status":
-            return _status(args.run_name, args.runs_root)
-        if args.command == "figure":
-            return _figure(args.run_name, args.runs_root, args.out)
-        if args.command == "student":
-            from .student import main as student_main
-
-            return student_main([])
-        res = run_pipeline(args.preset, run_name=args.run_name, stages=args.stages,
-                           overrides=parse_set_args(args.sets), force=args.force,
-                           repo_root=args.repo_root, notebooks_dir=args.notebooks_dir,
-                           log_output=args.log_output)
-        return res.exit_code
+        rc = _command(args)
+        sys.stdout.flush()  # here, where a closed pipe (`status | head`) is caught below
+        return rc
     except (ConfigError, UsageError) as e:
         print(f"puzzlelib: error: {e}", file=sys.stderr)
         return 2
     except RunLocked as e:
         print(f"puzzlelib: refused: {e}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("puzzlelib: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(_interrupted_line(e), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except BrokenPipeError:
+        # `status | head`: the reader left. Point stdout at /dev/null so the interpreter's final
+        # flush does not raise again, and end quietly, as a command killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+def _raise_on_termination() -> dict:
+    """SIGTERM and SIGHUP raise Terminated (a KeyboardInterrupt) in the main thread, so they stop
+    a run as Ctrl-C does instead of killing this process and orphaning the notebook. Returns the
+    previous handlers (none when not called from the main thread, where Python allows no handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    return {s: signal.signal(s, handler) for s in _STOP_SIGNALS if s != signal.SIGINT}
+
+
+def _interrupted_line(e: BaseException) -> str:
+    sig = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    how = "Ctrl-C" if sig == "SIGINT" else sig
+    if isinstance(e, Interrupted):
+        return (f"puzzlelib: stopped by {how} during {e.stage}: its notebook and kernel are stopped "
+                f"(the stage reads 'interrupted' in `status`); run the same command again to "
+                "resume, finished stages are reused")
+    return f"puzzlelib: stopped by {how}"
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "show-config":
+        cfg = RunConfig.from_preset(args.preset, parse_set_args(args.sets), args.run_name)
+        print(json.dumps(cfg.to_dict(), indent=2) if args.json else cfg.summary())
+        return 0
+    if args.command == "status":
+        return _status(args.run_name, args.runs_root)
+    if args.command == "figure":
+        return _figure(args.run_name, args.runs_root, args.out)
+    if args.command == "student":
+        from .student import main as student_main
+
+        return student_main([])
+    if args.command == "fetch-parent":
+        from .parent_source import main as fetch_parent_main
+
+        return fetch_parent_main(args.rest)
+    res = run_pipeline(args.preset, run_name=args.run_name, stages=args.stages,
+                       overrides=parse_set_args(args.sets), force=args.force,
+                       repo_root=args.repo_root, notebooks_dir=args.notebooks_dir,
+                       log_output=args.log_output)
+    return res.exit_code
+
+
+def _run_folder(run_name: str, runs_root: str | None) -> Path:
+    """runs/<run_name> (or <runs_root>/<run_name>) for `status` / `figure`: a safe name, links that
+    lead somewhere, and a folder that holds a run; else UsageError."""
+    root = default_repo_root()
+    run_dir = (_resolve(root, runs_root) if runs_root else root / "runs") / check_run_name(run_name)
+    check_links(run_dir, "run folder")
+    if not (run_dir / "config.json").is_file():
+        have = sorted(q.parent.name for q in run_dir.parent.glob("*/config.json"))
+        raise UsageError(f"no run named {run_name!r} in {run_dir.parent} (runs there: "
+                         f"{', '.join(have) or 'none'}): run the pipeline first (python -m "
+                         f"puzzlelib run --run-name {run_name})")
+    return run_dir
 
 
 def _figure(run_name: str, runs_root: str | None, out: str | None) -> int:
     from .overview import write_pipeline_figure
 
     root = default_repo_root()
-    run_dir = (_resolve(root, runs_root) if runs_root else root / "runs") / run_name
-    if not run_dir.is_dir():
-        raise UsageError(f"no run named {run_name!r} in {run_dir.parent}: run the pipeline first "
-                         f"(python -m puzzlelib run --run-name {run_name})")
-    path = write_pipeline_figure(run_dir, _resolve(root, out) if out else
-                                 root / "reports" / run_name / "pipeline.png")
+    run_dir = _run_folder(run_name, runs_root)
+    out_path = _resolve(root, out) if out else root / "reports" / run_name / "pipeline.png"
+    check_links(out_path.parent, "output folder")
+    path = write_pipeline_figure(run_dir, out_path)
     print(f"puzzlelib: wrote {path}")
     return 0
 
 
 def _status(run_name: str, runs_root: str | None) -> int:
-    root = Path(runs_root) if runs_root else default_repo_root() / "runs"
+    run_dir = _run_folder(run_name, runs_root)
     try:
-        rd = RunDir.existing(run_name, root)
-    except FileNotFoundError as e:
+        rd = RunDir.existing(run_name, run_dir.parent)
+    except (FileNotFoundError, ConfigError) as e:
         raise UsageError(str(e)) from None
     print(f"run {run_name!r} (preset {rd.cfg.preset}) at {rd.root}")
     for stage, state, reason in rd.describe():

@@ -132,6 +132,32 @@ def truncated_block(t: Path) -> None:
     block.write_bytes(data[:-100])
 
 
+def _same_size(path: Path, change: Callable[[bytes], bytes]) -> None:
+    """Rewrite ``path`` with the same length and put its mtime back (as `touch -r` does)."""
+    st = path.stat()
+    data = path.read_bytes()
+    new = change(data)
+    assert len(new) == len(data) and new != data
+    path.write_bytes(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def damaged_block_same_size(t: Path) -> None:
+    block = min((t / "runs" / RUN / "02_bld").rglob("ffn-0.50.safetensors"))
+    _same_size(block, lambda b: b[:-256] + bytes(x ^ 0x55 for x in b[-256:]))  # 256 bytes changed
+
+
+def nan_cost_same_size(t: Path) -> None:
+    costs = t / "runs" / RUN / "01_profiling" / "costs.csv"
+    head, *rows = costs.read_text().splitlines(keepends=True)
+    col = head.strip().split(",").index("prefill_ms@b1")
+    i = next(i for i, r in enumerate(rows) if ",attn:kv1," in r)
+    cells = rows[i].rstrip("\n").split(",")
+    cells[col] = "nan".ljust(len(cells[col]))  # float("nan  ") parses: only the sha256 can tell
+    rows[i] = ",".join(cells) + "\n"
+    _same_size(costs, lambda _: (head + "".join(rows)).encode())
+
+
 # ---- the catalogue ------------------------------------------------------------------------------
 SMOKE = ["run", "--preset", "smoke", "--run-name", RUN]
 CASES = [
@@ -164,6 +190,22 @@ CASES = [
     Case("truncated block in the library", SMOKE + ["--stages", "03"],
          ("ffn-0.50.safetensors has", "(truncated or modified)", "--stages 02,03"),
          setup=truncated_block, upstream=True),
+    # integrity and limits (issue 17: A1, A5)
+    Case("same-size damage to a library block", SMOKE + ["--stages", "03"],
+         ("ffn-0.50.safetensors changed after stage 02_bld wrote it", "sha256 differs",
+          "--stages 02,03"), setup=damaged_block_same_size, upstream=True),
+    Case("nan in costs.csv (same size)", SMOKE + ["--stages", "04"],
+         ("costs.csv changed after stage 01_profiling wrote it", "--stages 01,04"),
+         setup=nan_cost_same_size, upstream=True),
+    Case("vocabulary too big for this machine", ["run", "--preset", "default", "--run-name", RUN,
+                                                 "--set", "vocab_size=1000000000"],
+         ("00_parent cannot fit this machine's memory", "GiB", "lower vocab_size (at most")),
+    Case("model too wide for this machine", ["show-config", "--preset", "smoke", "--set",
+                                             "parent_hidden_size=65536"],
+         ("cannot fit this machine's memory", "lower parent_hidden_size (at most")),
+    Case("sequences too long for this machine", SMOKE + [
+        "--set", "seq_len=10000000", "scoring_tokens=10000000", "search_influence_tokens=10000000",
+        "parent_train_tokens=1000000000"], ("cannot fit this machine's memory", "lower seq_len")),
     # corpus (runner.py / data.py)
     Case("corpus path missing", SMOKE + ["--set", "corpus={tmp}/nope.txt"], ("does not exist",)),
     Case("corpus empty", SMOKE + ["--set", "corpus={tmp}/empty.txt"], ("is an empty file", "corpus=stdlib"),

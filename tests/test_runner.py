@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,15 @@ def test_parse_stages():
 
 
 def test_kernel_env_is_offline_local_and_respects_the_user(tmp_path):
+    env = kernel_env(tmp_path, base={"PYTHONPATH": "/x"})
+    assert [env[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["1"] * 3
+    # explicitly set by the user: kept, and the other two switches follow it (online for all)
     env = kernel_env(tmp_path, base={"HF_HUB_OFFLINE": "0", "PYTHONPATH": "/x"})
-    assert env["HF_HUB_OFFLINE"] == "0"  # explicitly set by the user: kept
-    assert env["TRANSFORMERS_OFFLINE"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert [env[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")] == ["0"] * 3
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
+    # online (a hub id asked for, HF_HUB_OFFLINE unset): no offline switch at all
+    env = kernel_env(tmp_path, base={"PYTHONPATH": "/x"}, online=True)
+    assert not {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"} & set(env)
     for k in ("HF_HOME", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR",
               "IPYTHONDIR", "MPLCONFIGDIR"):
         assert env[k].startswith(str(tmp_path / ".cache")), k
@@ -182,3 +189,132 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "puzzlelib", "run", "--preset", "nope",
                         "--repo-root", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "Available presets" in r.stderr
+
+
+# ---- live progress (progress.py) ----------------------------------------------------------------
+def test_latest_line_keeps_the_last_redraw_of_a_bar():
+    from puzzlelib.progress import latest_line
+
+    chunk = "\rtrain:  10%|#  | 1/10 [00:01<00:09]\rtrain:  20%|## | 2/10 [00:02<00:08, loss=3.2]"
+    assert latest_line(chunk) == "train:  20%|## | 2/10 [00:02<00:08, loss=3.2]"
+    assert latest_line("done\n") == "done"
+    assert latest_line("\x1b[31mred\x1b[0m text\n\n") == "red text"  # colours stripped
+    assert latest_line("\r          \r") is None  # a leave=False bar erasing itself
+    assert latest_line("") is None
+
+
+def test_display_on_a_terminal_redraws_one_line_in_place():
+    import io
+
+    from puzzlelib.progress import ProgressDisplay
+
+    out = io.StringIO()
+    d = ProgressDisplay("[1/7] 00_parent", out, tty=True, width=60, now=0.0)
+    d.tick(now=1.0)
+    assert out.getvalue() == "\r[1/7] 00_parent 0:01 starting the kernel\x1b[K"
+    d.event({"cell": 4, "cells": 27})
+    d.event({"line": "parent training:  45%|####5     | 900/2000 [01:23<01:40, 10.8step/s]"})
+    d.tick(now=83.0)
+    drawn = out.getvalue().split("\r")[-1]
+    # cut to one column short of the width, so that it never wraps (which breaks "\r")
+    assert drawn == "[1/7] 00_parent 1:23 cell 4/27 | parent training:  45%|###…\x1b[K"
+    assert len(drawn) - len("\x1b[K") == 59
+    before = out.getvalue()
+    d.tick(now=83.4)  # same second, same content: nothing written
+    assert out.getvalue() == before
+    d.text("a warning from the kernel\n")  # printed above the line: the line is erased first
+    assert out.getvalue()[len(before):] == "\r\x1b[Ka warning from the kernel\n"
+    d.close()
+    assert "\n" not in out.getvalue().replace("a warning from the kernel\n", "")
+
+
+def test_display_in_a_log_prints_full_lines_at_most_every_interval():
+    import io
+
+    from puzzlelib.progress import ProgressDisplay
+
+    out = io.StringIO()
+    d = ProgressDisplay("[2/7] 02_bld", out, tty=False, interval=30, now=0.0)
+    for t in range(0, 200):  # a bar redrawn every second for 200 s
+        d.event({"cell": 9, "cells": 31, "line": f"BLD: {t // 20}0%|"})
+        d.tick(now=float(t))
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert out.getvalue().endswith("\n")
+    assert lines[0] == "[2/7] 02_bld 0:30 cell 9/31 | BLD: 10%|"
+    assert 5 <= len(lines) <= 7  # ~200 s / 30 s, not 200
+    d.tick(now=1000.0)  # nothing new since the last line: nothing printed
+    assert len(out.getvalue().splitlines()) == len(lines)
+
+
+def test_summary_line_takes_the_key_numbers_from_the_manifest():
+    import datetime
+
+    from puzzlelib.progress import summary_line
+
+    started = datetime.datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=datetime.timezone.utc)
+    m = {"stage": "00_parent", "status": "done", "finished": "2026-01-01T12:10:00+00:00",
+         "metrics": {"heldout_loss": 2.3456, "heldout_perplexity": 10.44,
+                     "train_tokens_per_second": 3210.0}}
+    assert summary_line("[1/7] 00_parent", 600.04, m, started) == (
+        "[1/7] 00_parent: done in 600.0 s: held-out loss 2.346 (perplexity 10.4), 3.2 k tokens/s")
+    reused = {**m, "finished": "2025-12-31T09:00:00+00:00"}
+    assert "(reused the stage built 2025-12-31T09:00:00+00:00)" in summary_line("h", 4.0, reused, started)
+    same_second = {**m, "finished": "2026-01-01T12:00:00+00:00"}  # built in this run's first second
+    assert "reused" not in summary_line("h", 0.4, same_second, started)
+    ev = {"stage": "06_evaluation", "status": "done", "finished": m["finished"],
+          "metrics": {"model": "puzzle-1", "retention": 1.006, "measured_speedup": 2.104}}
+    assert summary_line("[7/7] 06_evaluation", 84.0, ev, started).endswith(
+        "puzzle-1: 100.6 % of the parent's accuracy at 2.10× its speed")
+    assert summary_line("h", 1.0, None, started) == "h: done in 1.0 s"
+
+
+def test_stream_tap_sends_the_latest_line_and_the_cell_over_a_pipe():
+    from types import SimpleNamespace
+
+    from puzzlelib.progress import ProgressSender, StreamTap
+
+    r, w = os.pipe()
+    sender = ProgressSender(w)
+    sender.on_notebook_start(notebook=SimpleNamespace(cells=[1, 2, 3]))
+    sender.on_cell_start(cell=None, cell_index=1)
+    StreamTap(sender).write("\rstep 1/9\rstep 2/9")
+    StreamTap(sender).write("\r   \r")  # blank: nothing sent
+    os.close(w)
+    with os.fdopen(r) as f:
+        assert [json.loads(x) for x in f] == [{"cell": 2, "cells": 3}, {"line": "step 2/9"}]
+    sender.send(line="after the reader left")  # a closed pipe silences it, never raises
+    assert sender.fd is None
+
+
+PROGRESS_BODY = """
+import time
+from tqdm import tqdm
+from puzzlelib.config import RunConfig
+from puzzlelib.rundir import RunDir
+rd = RunDir(RunConfig.from_preset(preset, overrides, run_name))
+with rd.stage("00_parent") as st:
+    for i in tqdm(range(12), desc="parent training", unit="step"):
+        time.sleep(0.25)
+    st.metrics.update(heldout_loss=2.5, heldout_perplexity=12.18, train_tokens_per_second=4000)
+"""
+
+
+def test_headless_run_shows_the_stage_progress_and_a_summary(repo):
+    """One real notebook run, output not a terminal (as in CI): the kernel's tqdm bar reaches the
+    runner's output as whole lines (no carriage returns, no papermill cell markers), then the
+    stage's one-line result with the numbers from its manifest."""
+    write_nb(repo / "notebooks" / "00_parent.ipynb", PROGRESS_BODY)
+    env = {**os.environ, "PUZZLELIB_PROGRESS_SECONDS": "0.5", "TQDM_MININTERVAL": "0.5"}
+    r = subprocess.run([sys.executable, "-m", "puzzlelib", "run", "--preset", "smoke", "--run-name",
+                        "live", "--stages", "00", "--repo-root", str(repo)], env=env, text=True,
+                       capture_output=True, timeout=300, check=False)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    bars = [ln for ln in out.splitlines() if ln.startswith("[1/1] 00_parent ") and "parent training:" in ln]
+    assert bars, out
+    assert all(" cell 3/3 | parent training: " in ln for ln in bars), bars
+    assert any(re.search(r"\d+/12 \[[0-9:]+<[0-9:]+, +[0-9.]+step/s\]", ln) for ln in bars), bars
+    assert "\r" not in out and "Executing Cell" not in out and "Executing:" not in out
+    assert "[1/1] 00_parent: done in " in out
+    assert ": held-out loss 2.500 (perplexity 12.2), 4.0 k tokens/s" in out
