@@ -55,6 +55,8 @@ _BASE_VOCAB = 256 + 8
 SIZE_FIELDS = ("vocab_size", "parent_hidden_size", "parent_num_layers", "parent_intermediate_size",
                "seq_len", "parent_batch_size", "bld_tokens_per_variant", "scoring_tokens",
                "gkd_batch_size", "corpus_max_bytes")
+# The smallest valid value of a field (validation's ranges): a suggestion below it is no fix.
+_MIN = {"vocab_size": _BASE_VOCAB, "seq_len": 2}
 _ELT = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 1 << 30
 
@@ -213,13 +215,16 @@ def memory_errors(c: RunConfig) -> list[str]:
         # The field to lower: of those that alone can make it fit, the one furthest above its
         # preset's value (the one that was blown up), first in SIZE_FIELDS on a tie.
         best = None
-        for name in SIZE_FIELDS[:-1]:  # not corpus_max_bytes: it only caps the vocabulary
+        above = {n: v[n] / max(1, base.get(n, v[n])) for n in SIZE_FIELDS[:-1]}  # not corpus_max_bytes: it only caps the vocabulary
+        for name in above:
             fits = _largest_fitting(v, name, wheres, limit)
-            above = v[name] / max(1, base.get(name, v[name]))
-            if fits is not None and (best is None or above > best[2]):
-                best = (name, fits, above)
+            if fits is not None and fits >= _MIN.get(name, 1) and (best is None or above[name] > best[2]):
+                best = (name, fits, above[name])
+        raised = sorted((n for n in above if above[n] > 1), key=lambda n: -above[n])
         fix = (f"lower {best[0]} (at most {best[1]:,} fits)" if best else
-               "lower vocab_size, parent_hidden_size, parent_num_layers or seq_len")
+               "no one field alone brings it down: lower " + (" and ".join(
+                   f"{n} ({v[n]:,}; preset {c.preset!r} has {base[n]:,})" for n in raised[:3])
+                   or "vocab_size, parent_hidden_size, parent_num_layers or seq_len"))
         errors.append(f"{stage} cannot fit this machine's memory: it needs at least {_fmt(need)} "
                       f"for {what}, and the machine has {_fmt(limit)} of {label}"
                       f"{f' ({_fmt(now)} available now)' if now else ''}; {fix}, or set "

@@ -275,3 +275,15 @@ def test_cli_refuses_vocab_1e9_before_any_work(tmp_path):
         assert len(errors) == 1 and "00_parent cannot fit this machine's memory" in errors[0]
         assert "lower vocab_size (at most" in errors[0] and "GiB" in errors[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+def test_when_no_one_field_fits_the_raised_fields_are_named(machine):
+    over = {"seq_len": 10**7, "scoring_tokens": 10**7, "search_influence_tokens": 10**7,
+            "parent_train_tokens": 10**9}
+    with pytest.raises(ConfigError, match=r"no one field alone brings it down: lower seq_len "
+                                          r"\(10,000,000; preset 'default' has 256\) and "
+                                          r"scoring_tokens \(10,000,000; preset 'default' has 4,096\)"):
+        RunConfig.from_preset("default", over)
+    # and a suggestion is never below the field's valid range (vocab_size >= 264)
+    assert "lower vocab_size" not in str(pytest.raises(ConfigError, RunConfig.from_preset,
+                                                        "default", over).value)
