@@ -1,5 +1,5 @@
 """`python -m puzzlelib ...`: the command line (run / show-config / status, see runner.py;
-student, see student.py)."""
+student, see student.py; fetch-parent, see parent_source.py)."""
 
 import sys
 
@@ -10,4 +10,8 @@ if __name__ == "__main__":
         from .student import main as student_main
 
         sys.exit(student_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["fetch-parent"]:  # its own parser too (parent_source.py)
+        from .parent_source import main as fetch_parent_main
+
+        sys.exit(fetch_parent_main(sys.argv[2:]))
     sys.exit(main())

