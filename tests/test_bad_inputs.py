@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -126,6 +127,16 @@ def one_doc_corpus(t: Path) -> None:
     (t / "one.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x\n" * 200}) + "\n")
 
 
+def run_folder_loop(t: Path) -> None:
+    (t / "runs").mkdir()
+    (t / "runs" / RUN).symlink_to(t / "runs" / RUN)  # runs/badinput -> itself
+
+
+def run_folder_dangling(t: Path) -> None:
+    (t / "runs").mkdir()
+    (t / "runs" / RUN).symlink_to(t / "gone")
+
+
 def truncated_block(t: Path) -> None:
     block = min((t / "runs" / RUN / "02_bld").rglob("ffn-0.50.safetensors"))
     data = block.read_bytes()
@@ -172,6 +183,11 @@ CASES = [
          ("parent_hidden_size (64) must be divisible by parent_num_heads (3)",)),
     Case("preset as a key", SMOKE + ["--set", "preset=default"], ("'preset' cannot be overridden", "--preset NAME")),
     Case("unsafe run name", ["run", "--preset", "smoke", "--run-name", "../x"], ("not a safe folder name",)),
+    # every command validates the run name like `run` (runner.check_run_name)
+    Case("unsafe run name for status", ["status", "--run-name", "../../x", "--runs-root", "{tmp}/runs"],
+         ("run_name '../../x' is not a safe folder name",)),
+    Case("unsafe run name for figure", ["figure", "--run-name", "../../x", "--runs-root", "{tmp}/runs"],
+         ("run_name '../../x' is not a safe folder name",)),
     Case("unknown solver", SMOKE + ["--set", "search_solver=cplex"],
          ("search_solver must be one of", "'highs'")),
     Case("unknown metric", SMOKE + ["--set", "search_metric=kld"], ("search_metric must be one of", "did you mean 'kl'")),
@@ -217,6 +233,13 @@ CASES = [
          ("is a file, not a folder", "set runs_root"), setup=runs_root_is_file),
     Case("reports_root unwritable", SMOKE + ["--set", "reports_root=/proc/puzzlelib-reports"],
          ("cannot write in /proc", "set reports_root to a writable folder")),
+    # a run folder that is a link leading nowhere: one line, and no empty report folder
+    Case("run folder is a symlink loop", SMOKE, ("is a symbolic link loop", "remove the link (rm "),
+         setup=run_folder_loop),
+    Case("run folder is a dangling link", SMOKE, ("is a symbolic link to", "gone, which does not exist"),
+         setup=run_folder_dangling),
+    Case("status of a run folder that is a symlink loop", ["status", "--run-name", RUN, "--runs-root", "{tmp}/runs"],
+         ("is a symbolic link loop",), setup=run_folder_loop),
     # parents (model.check_parent_dir, called by the runner before anything runs)
     Case("parent folder missing", SMOKE + ["--set", "parent={tmp}/nope"], ("no such directory",)),
     Case("parent without config.json", SMOKE + ["--set", "parent={tmp}/parent"], ("has no config.json",),
@@ -239,7 +262,8 @@ CASES = [
     Case("hf: corpus while offline", SMOKE + ["--stages", "00", "--set", "corpus=hf:wikitext:wikitext-2-raw-v1"],
          ("looks offline", "use a local corpus instead"), in_notebook="00_parent"),
     Case("corpus with one document", SMOKE + ["--stages", "00", "--set", "corpus={tmp}/one.jsonl"],
-         ("has one document", "add documents"), setup=one_doc_corpus, in_notebook="00_parent"),
+         ("has one document", "add documents: more lines in a .jsonl"), setup=one_doc_corpus,
+         in_notebook="00_parent"),
     Case("unknown variant in a coupled pair", SMOKE + ["--stages", "02", "--set", "bld_coupled_pairs=attn:gqa9+ffn:0.50"],
          ("bld_coupled_pairs='attn:gqa9+ffn:0.50'", "Unknown variant 'attn:gqa9'. Valid forms"), upstream=True, in_notebook="02_bld"),
     Case("infeasible search budget", SMOKE + ["--stages", "04", "--set", "search_speedup=50"],
@@ -411,3 +435,71 @@ def test_load_parent_refuses_pickle_and_warns_on_remote_code(tmp_path):
     with pytest.warns(UserWarning, match="trust_remote_code=True: Python code shipped with"):
         model = load_parent(ok, trust_remote_code=True)
     assert model.config.vocab_size == 300 and model.config.num_hidden_layers == 1
+
+
+# ---- parameters and advice that must work as given (issue #17, A6 and A8) -----------------------
+def test_overrides_given_as_a_string_are_parsed_or_refused_with_the_types_accepted():
+    """papermill's `-p overrides '...'` passes a string; so may a script. JSON or key=value pairs
+    are read like a dict / --set; anything else says exactly which types are accepted."""
+    from puzzlelib.config import ConfigError, RunConfig
+
+    as_dict = RunConfig.from_preset("smoke", {"seq_len": 32, "bld_kv_heads": "2,1"})
+    for text in ('{"seq_len": 32, "bld_kv_heads": "2,1"}', "seq_len=32,bld_kv_heads=2,1",
+                 " bld_kv_heads=2,1 , seq_len=32 "):
+        assert RunConfig.from_preset("smoke", text) == as_dict, text
+    assert RunConfig.from_preset("smoke", "") == RunConfig.from_preset("smoke")
+    for bad, needle in [
+        ('{"search_speedup": "fast"}', "search_speedup expects a number, got 'fast'"),
+        ("{seq_len: 32}", "is not a valid JSON object"),
+        ("fast", "a string must be a JSON object ('{\"seq_len\": 64}') or key=value pairs"),
+        ("seq_len=abc", "seq_len expects an integer"),
+        (["seq_len=32"], "overrides must be a dict (e.g. {'seq_len': 64}), a JSON object string or a "
+                         "'key=value[,key=value]' string; got list"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            RunConfig.from_preset("smoke", bad)
+        assert needle in str(e.value), (bad, str(e.value))
+
+
+@pytest.mark.slow
+def test_papermill_string_overrides_and_the_missing_path_from_another_directory(tmp_path):
+    """The issue's command: `papermill notebooks/04_search.ipynb out.ipynb -p overrides '...'`,
+    run from a directory that is not the project. The string is read (runs_root from it is used)
+    and the stage's refusal says where it looked for the missing upstream stage."""
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([sys.executable, "-m", "papermill", str(REPO / "notebooks" / "04_search.ipynb"),
+                        str(out), "-p", "run_name", RUN, "-p", "preset", "smoke",
+                        "-p", "overrides", "search_speedup=3,threads=1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0, text
+    assert "dictionary update sequence" not in text
+    assert (f"Stage 01_profiling has not finished for run '{RUN}' (status: missing). Looked in "
+            f"{tmp_path / 'runs' / RUN / '01_profiling'}.") in text, text[-3000:]
+
+
+def test_one_document_advice_names_real_fields_and_works_when_followed(tmp_path):
+    """A 1-byte corpus used to be told `set heldout_fraction=0` (refused by validation) and `raise
+    max_bytes` (no such field). The advice now names what exists, and following it works."""
+    import dataclasses
+
+    from puzzlelib.config import RunConfig
+    from puzzlelib.data import DataError, load_corpus
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    one = tmp_path / "one.txt"
+    one.write_text("x")
+    with pytest.raises(DataError) as e:
+        load_corpus(str(one), 1_500_000, 0.05, 0)
+    msg = str(e.value)
+    assert "heldout_fraction=0" not in msg and "give it 2 KB or more, over several lines" in msg
+    assert all(w in fields for w in re.findall(r"\b([a-z]+_[a-z_]+)\b", msg)), msg
+    one.write_text("print('hello, world')  # a line of code\n" * 60)  # the advice: 2 KB, lines
+    c = load_corpus(str(one), 1_500_000, 0.05, 0)
+    assert c.train_docs and c.heldout_docs
+    # Several documents, but the cap keeps one: the advice is the real field, and raising it works.
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"text": f"doc {i} " * 100}) + "\n" for i in range(4)))
+    with pytest.raises(DataError, match=r"raise corpus_max_bytes \(now 1000\): only one of its 4"):
+        load_corpus(str(many), 1000, 0.05, 0)
+    assert load_corpus(str(many), 10_000, 0.05, 0).heldout_docs
