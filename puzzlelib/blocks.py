@@ -69,12 +69,14 @@ class Variant:
             return self.op == "gqa" and parent.attn_kind(layer) == "gqa" and self.kv_heads == parent.kv_heads(layer)
         return self.op == "swiglu" and parent.ffn_kind(layer) == "swiglu" and self.width(parent, layer) == parent.ffn_width(layer)
 
-    def width(self, parent: PuzzleConfig, layer: int = 0, multiple: int = 8) -> int:
+    def width(self, parent: PuzzleConfig, layer: int = 0, multiple: int | None = None) -> int:
         """SwiGLU width for this fraction of the parent's width at ``layer``.
 
-        Rounded to a multiple of ``multiple`` (8: friendly to vector units; the parent's width is
-        never changed by rounding) and never below it.
+        Rounded to a multiple of ``multiple`` (default: the parent config's ``ffn_width_multiple``,
+        8 — friendly to vector units — unless set to 256, the grid NVIDIA's DeciLM code and vLLM
+        read) and never below it; the parent's own width is never changed by rounding.
         """
+        multiple = multiple or getattr(parent, "ffn_width_multiple", 8) or 8
         pw = parent.ffn_width(layer)
         if self.fraction >= 1.0 or pw <= multiple:
             return pw if self.fraction >= 1.0 else max(1, round(self.fraction * pw))

@@ -137,6 +137,10 @@ class RunConfig:
     # Timings differ between two runs, and a different cost table can make the search pick another
     # child: importing one table makes runs on many machines (or a rerun) find the same children.
     profile_costs_from: str = _f("", "01_profiling")  # "" = measure here; else an earlier run's costs.csv, its 01_profiling/ folder or its run folder: imported, not measured
+    # Tagged 01 (the first stage that sees variant widths); hash_default=False: at 8 every existing run
+    # stays fresh. 256 keeps each narrower FFN on the grid NVIDIA's DeciLM code and vLLM read
+    # (export.vllm_compatible says which children they can serve).
+    ffn_width_multiple: int = _f(8, "01_profiling", (8, 256), hash_default=False)  # grid narrower SwiGLU widths are rounded to: 8, or 256 for vLLM / NVIDIA DeciLM
 
     # ---- 02_bld: the block library, by blockwise local distillation ----------------------------
     # Variant lists are comma-separated strings (RunConfig fields are scalars). The parent's own

@@ -99,6 +99,10 @@ class PuzzleConfig(PreTrainedConfig):
     mlp_bias: bool = False
     attention_dropout: float = 0.0
     block_configs: list | None = None
+    # The grid that narrower FFN variants cut from this (parent) model are rounded to
+    # (``blocks.Variant.width``): 8 by default; 256 keeps every child's widths where NVIDIA's DeciLM
+    # code and vLLM can read them (``RunConfig.ffn_width_multiple``; ``export.vllm_compatible``).
+    ffn_width_multiple: int = 8
 
     def __post_init__(self, **kwargs):
         check_foreign_fields(kwargs, self.rope_parameters, self.attention_bias)
@@ -114,6 +118,8 @@ class PuzzleConfig(PreTrainedConfig):
                     f"({self.num_attention_heads}); set head_dim explicitly or change the head count."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if not isinstance(self.ffn_width_multiple, int) or self.ffn_width_multiple <= 0:
+            raise ValueError(f"ffn_width_multiple={self.ffn_width_multiple!r} must be a positive int (8 or 256).")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r}: only SwiGLU ('silu') FFNs are supported.")
         if self.block_configs is None:

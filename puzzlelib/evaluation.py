@@ -296,6 +296,20 @@ def lm_eval_max_length(seq_len: int, max_positions: int, built: list[T.BuiltTask
     return min(need, max_positions)
 
 
+def hflm_settings(cfg: RunConfig, built: list[T.BuiltTask], tokenizer, max_positions: int) -> dict:
+    """What this stage hands lm-eval's ``HFLM`` besides the model, and where it writes the tasks.
+
+    Stage 05 writes it into every exported child (``export.save_checkpoint(lm_eval=...)``): lm-eval
+    reads ``max_length`` and ``prefix_token_id`` only from ``--model_args`` (a model folder's
+    config gives it ``max_position_embeddings`` and the tokenizer's BOS instead), so the folder's
+    README spells out the command that reproduces this stage's numbers.
+    """
+    return {"max_length": lm_eval_max_length(cfg.seq_len, max_positions, built, tokenizer),
+            "prefix_token_id": tokenizer.eos_token_id if cfg.parent == "embedded" else None,  # see evaluate_model
+            "batch_size": cfg.eval_batch_size, "tasks": list(T.LOCAL_TASKS),
+            "tasks_dir": str(RunDir(cfg, create=False).stage_dir(STAGE) / "tasks")}
+
+
 def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     """Run (or reuse) stage 06 for ``cfg``: every model's accuracy, uncertainty and speed."""
     rd = RunDir(cfg)
@@ -320,8 +334,8 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     entries, notes = collect_models(cfg, parent_model, pres.model_dir, sres, gres, prof.costs,
                                     lambda: bld.load(cfg).library_dir)
     scenarios = [(s.batch, s.prompt_len, s.gen_len) for s in prof.costs.scenarios]
-    prefix = tokenizer.eos_token_id if cfg.parent == "embedded" else None  # see evaluate_model
-    max_length = lm_eval_max_length(cfg.seq_len, parent_model.config.max_position_embeddings, built, tokenizer)
+    hflm = hflm_settings(cfg, built, tokenizer, parent_model.config.max_position_embeddings)
+    prefix, max_length = hflm["prefix_token_id"], hflm["max_length"]
     with rd.stage(STAGE) as st:
         for old in ("tasks", "results"):  # a previous attempt's files (e.g. of a model no longer chosen)
             shutil.rmtree(st.dir / old, ignore_errors=True)

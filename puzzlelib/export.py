@@ -121,8 +121,21 @@ def vllm_compatible(config: PuzzleConfig) -> tuple[bool, list[str]]:
 
 def nvidia_decilm_compatible(config: PuzzleConfig) -> tuple[bool, list[str]]:
     """(ok, reasons): NVIDIA's DeciLM code (Model-Optimizer's ``deci_lm_hf_code``) builds linear and
-    no-op sub-blocks too, but refuses an FFN width that is not a multiple of 256."""
+    no-op sub-blocks too, but refuses an FFN width that is not a multiple of 256, and its linear
+    replacements have no bias (ours carry one when the parent's attention / MLP has biases)."""
     reasons = _grid_reasons(config)
+    for i in range(config.num_hidden_layers):
+        for kind, k, bias in (("attention", config.attn_kind(i), config.attention_bias),
+                              ("ffn", config.ffn_kind(i), config.mlp_bias)):
+            if k == "linear" and bias:
+                reasons.append(f"layer {i}: linear {kind} with a bias (NVIDIA's linear replacement has none)")
+    rope = config.rope_parameters
+    if rope.get("rope_type") == "yarn" and "original_max_position_embeddings" in rope:
+        # transformers 4.x replaces YaRN's factor by this ratio when the original length is given.
+        ratio = config.max_position_embeddings / rope["original_max_position_embeddings"]
+        if rope.get("factor") != ratio:
+            reasons.append(f"yarn factor {rope.get('factor')} differs from max_position_embeddings / "
+                           f"original_max_position_embeddings = {ratio:g}, which transformers 4.x uses instead")
     return not reasons, reasons
 
 

@@ -274,8 +274,11 @@ def _as_child(item) -> tuple[str, list, object]:
 
 def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Path, train: np.ndarray,
                      held: np.ndarray, s: GKDSettings, out: Path, key: str, dd: Dist,
-                     stop_after: int | None = None, tokenizer=None) -> dict:
+                     stop_after: int | None = None, tokenizer=None, lm_eval: dict | None = None) -> dict:
     """Distil every child from the library; export each; return the metrics.
+
+    ``lm_eval``: stage 06's HFLM settings (``evaluation.hflm_settings``); each exported child's
+    README.md then holds the ``lm_eval`` command that reproduces stage 06's numbers.
 
     ``children`` holds stage 04's ``ChildSpec``s (built with ``spec.build_model``, which follows the
     spec's coupled-block flags, so the child trained is the child that was scored and searched) or
@@ -309,7 +312,7 @@ def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Pa
              "steps": len(history["step"]), "tokens": len(history["step"]) * history["tokens_per_step"],
              "seconds": round(history["seconds"], 1)}
         if dd.main:
-            save_checkpoint(child, cdir, tokenizer=tokenizer, extra_files={"history.json": json.dumps(history),
+            save_checkpoint(child, cdir, tokenizer=tokenizer, lm_eval=lm_eval, extra_files={"history.json": json.dumps(history),
                                                       "gkd.json": json.dumps({"key": key, "metrics": m})})
             shutil.rmtree(out / "train_state" / safe_name(name), ignore_errors=True)
         dd.barrier()
@@ -344,6 +347,19 @@ def _children_from_search(cfg: RunConfig) -> list:
             raise GKDError(f"gkd_children names {sorted(unknown)} are not children of stage 04; "
                            f"they are: {[c.name for c in specs]}")
     return [c for c in specs if want is None or c.name in want]
+
+
+def _hflm_settings(cfg: RunConfig, pres, tokenizer, parent) -> dict | None:
+    """Stage 06's lm-eval settings for the children's README (None, with a note, when stage 06
+    could not build its tasks: it will say why itself)."""
+    from .evaluation import EvaluationError, build_local_tasks, hflm_settings
+
+    try:
+        built = build_local_tasks(cfg, pres.dir)
+        return hflm_settings(cfg, built, tokenizer, parent.config.max_position_embeddings)
+    except EvaluationError as e:
+        print(f"{STAGE}: the exported children carry no lm_eval command ({e})", flush=True)
+        return None
 
 
 def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
@@ -381,7 +397,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
                         shutil.rmtree(out / sub)
             dd.barrier()
         metrics = distill_children(parent, children, library_root, train, held, s, out, key, dd, stop_after,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, lm_eval=_hflm_settings(cfg, pres, tokenizer, parent))
         ablation = {}
         if cfg.gkd_ablation:
             first = children[0]

@@ -61,9 +61,12 @@ class ParentResult:
     history: dict
     samples: list
     reused: bool
+    ffn_width_multiple: int = 8  # RunConfig.ffn_width_multiple: the grid the stages cut FFN widths on
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> PuzzleForCausalLM:
-        return load_checkpoint(self.model_dir, dtype=dtype)
+        model = load_checkpoint(self.model_dir, dtype=dtype)
+        model.config.ffn_width_multiple = self.ffn_width_multiple  # read by blocks.Variant.width
+        return model
 
     def load_tokenizer(self):
         return data.load_tokenizer(self.model_dir)
@@ -371,4 +374,6 @@ def load(cfg: RunConfig) -> ParentResult:
     """Stage 00's result for later stages; refuses a missing, unfinished or stale parent."""
     rd = RunDir(cfg, create=False)
     rd.require(STAGE)
-    return _load_result(rd, reused=True)
+    res = _load_result(rd, reused=True)
+    res.ffn_width_multiple = cfg.ffn_width_multiple
+    return res

@@ -90,7 +90,7 @@ def _range_errors(c: RunConfig) -> list[str]:
         value = getattr(c, f.name)
         if choices and value not in choices:
             e.append(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                     f"{_suggest(str(value), choices)}")
+                     f"{_suggest(str(value), [str(x) for x in choices])}")  # choices may be ints
     need(re.fullmatch(RUN_NAME_PATTERN, c.run_name) is not None,
          f"run_name {c.run_name!r} is not a safe folder name: use 1-64 of A-Z a-z 0-9 . _ - "
          "starting with a letter or digit (no '/', no spaces), e.g. run_name='smoke-2'")

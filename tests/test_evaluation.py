@@ -367,6 +367,12 @@ def test_exported_child_evaluates_through_the_lm_eval_command_line(pipeline, tmp
     cmd = E.lm_eval_command(child, res.dir / "tasks", batch_size=4, limit=3, max_length=st["max_length"],
                             prefix_token_id=st["prefix_token_id"], tokenizer=tok)
     assert cmd[:4] == ["lm_eval", "--model", "hf", "--model_args"]
+    # The child's folder carries the command stage 06's settings give (export.json and README.md).
+    exported = json.loads((child / "export.json").read_text())["lm_eval"]
+    assert (exported["max_length"], exported["prefix_token_id"]) == (st["max_length"], st["prefix_token_id"])
+    assert exported["command"] == E.lm_eval_command(child, res.dir / "tasks", batch_size=cfg.eval_batch_size,
+                                                    max_length=st["max_length"], prefix_token_id=st["prefix_token_id"])
+    assert " ".join(exported["command"]) in (child / "README.md").read_text()
     assert cmd[4].startswith(f"pretrained={child},trust_remote_code=True")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf")}

@@ -284,3 +284,29 @@ def test_lm_eval_hflm_runs_on_a_child(child, tiny_tokenizer, tmp_path):
                 lp = torch.log_softmax(child(torch.tensor([ctx + cont])).logits[0, :-1].float(), -1)
             mine = sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
             assert resp[0][0] == pytest.approx(mine, abs=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight norms")
+def test_ffn_width_multiple_256_keeps_children_servable(tmp_path):
+    from puzzlelib.config import RunConfig
+    from puzzlelib.parent import ParentResult
+
+    torch.manual_seed(0)
+    parent = PuzzleForCausalLM(tiny_config(intermediate_size=1024)).eval()
+    plan = [("attn:kv2", "ffn:0.30"), ("attn:noop", "ffn:0.60")]
+    off = build_child(parent, plan)  # default grid 8: 0.30 * 1024 -> 304, 0.60 * 1024 -> 616
+    assert [off.config.ffn_width(i) for i in range(2)] == [304, 616]
+    assert vllm_compatible(off.config)[1] == ["layer 0: FFN width 304 is not a multiple of 256",
+                                              "layer 1: FFN width 616 is not a multiple of 256"]
+    # The stages read the grid from RunConfig.ffn_width_multiple through the loaded parent.
+    ckpt = save_checkpoint(parent, tmp_path / "parent")
+    grid_parent = ParentResult(tmp_path, ckpt, {}, {}, [], False, ffn_width_multiple=256).load_model()
+    on = build_child(grid_parent, plan)
+    assert [on.config.ffn_width(i) for i in range(2)] == [256, 512]
+    assert vllm_compatible(on.config) == (True, []) and nvidia_decilm_compatible(on.config) == (True, [])
+    b = json.loads((save_checkpoint(on, tmp_path / "on") / "config.json").read_text())["block_configs"]
+    assert [(f["ffn"]["ffn_mult"], f["ffn"]["intermediate_size"]) for f in b] == [(6.0, 256), (12.0, 512)]
+    # Off by default and out of the hash there, so existing runs stay fresh.
+    assert "ffn_width_multiple" not in RunConfig().hashed_values("01_profiling")
+    assert RunConfig(ffn_width_multiple=256).hashed_values("01_profiling")["ffn_width_multiple"] == 256
+    assert RunConfig(ffn_width_multiple=256).hash("01_profiling") != RunConfig().hash("01_profiling")
