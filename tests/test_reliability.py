@@ -287,3 +287,142 @@ def test_same_run_name_is_refused_and_different_names_run_in_parallel(tmp_path):
     for n in procs:
         _assert_same_weights(same, tmp_path / "runs" / n, "00_parent/model/model.safetensors")
         assert RunDir(RunConfig.from_preset("smoke", over, n), create=False).verify("00_parent") == []
+
+
+# ---- signals, copies and pipes (issue #17, A3, A4, A8) ------------------------------------------
+# A stage that trains "forever" (a tqdm loop inside the stage), writing the kernel's pid first.
+_LONG_STAGE = """
+import os, time
+from tqdm import tqdm
+from puzzlelib.config import RunConfig
+from puzzlelib.rundir import RunDir
+rd = RunDir(RunConfig.from_preset(preset, overrides, run_name))
+with rd.stage("00_parent") as st:
+    (rd.root / "kernel.pid").write_text(str(os.getpid()))
+    for i in tqdm(range(100_000), desc="parent training"):
+        time.sleep(0.05)
+"""
+
+
+def _tiny_repo(root: Path, body: str) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("run_name = 'x'\npreset = 'smoke'\noverrides = {}")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (root / "notebooks").mkdir(parents=True)
+    nbformat.write(nb, root / "notebooks" / "00_parent.ipynb")
+    return root
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:  # a zombie has finished; in a container nobody may reap it
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _lock_free(path: Path) -> bool:
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "SIGKILL to the runner"])
+def test_a_signal_stops_the_notebook_and_its_kernel(tmp_path, how):
+    """`timeout` / `kill` / a scheduler (SIGTERM), the terminal's Ctrl-C (SIGINT to the foreground
+    process group), and a runner killed outright: the notebook process and the kernel are gone
+    soon after, never after the pipeline lock was released, the stage reads "interrupted", and
+    the runner (when it can) says so in one line, exit 128 + the signal."""
+    import psutil
+
+    repo = _tiny_repo(tmp_path / "repo", _LONG_STAGE)
+    run_dir, log = repo / "runs" / "sig", tmp_path / "runner.log"
+    with open(log, "wb") as f:
+        runner = subprocess.Popen([sys.executable, "-m", "puzzlelib", "run", "--preset", "smoke",
+                                   "--run-name", "sig", "--stages", "00", "--repo-root", str(repo)],
+                                  cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file = run_dir / "kernel.pid"
+    _wait_until(runner, lambda: pid_file.is_file() and pid_file.read_text(), "the stage running", log,
+                timeout=180)
+    time.sleep(1.0)  # inside the training loop
+    tree = psutil.Process(runner.pid).children(recursive=True)
+    kernel = psutil.Process(int(pid_file.read_text()))
+    assert kernel in tree and len(tree) >= 2  # the notebook process and its kernel
+    lock = run_dir / ".locks" / "pipeline.lock"
+    if how == "SIGTERM":
+        runner.send_signal(signal.SIGTERM)
+    elif how == "Ctrl-C":
+        os.killpg(runner.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+    else:
+        runner.kill()
+    t0 = time.monotonic()
+    while runner.poll() is None and time.monotonic() - t0 < 60:
+        if _lock_free(lock):  # the lock may go only once every process under the runner is gone
+            assert not [p for p in tree if _alive(p)], "pipeline lock released before the kernel died"
+        time.sleep(0.02)
+    rc = runner.wait(timeout=5)
+    gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert not [p for p in alive if _alive(p)], f"left running: {alive}\n{_tail(log)}"
+    out = log.read_text()
+    if how == "SIGKILL to the runner":
+        assert rc == -signal.SIGKILL  # it could say nothing; the notebook process stopped itself
+    else:
+        assert rc == 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT), out
+        by = "SIGTERM" if how == "SIGTERM" else "Ctrl-C"
+        assert out.rstrip().splitlines()[-1].startswith(f"puzzlelib: stopped by {by} during 00_parent"), out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        summary = json.loads((repo / "reports" / "sig" / "pipeline.json").read_text())
+        assert summary["stages"][-1]["status"] == "interrupted"
+    st = subprocess.run([sys.executable, "-m", "puzzlelib", "status", "--run-name", "sig", "--runs-root",
+                         str(repo / "runs")], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert re.search(r"00_parent +interrupted", st.stdout), st.stdout + st.stderr
+    assert _lock_free(lock)
+
+
+def _finished_run(root: Path, name: str) -> Path:
+    """A run with stage 00 done through RunDir (no notebook), under root/runs/name."""
+    from puzzlelib.config import RunConfig
+    from puzzlelib.rundir import RunDir
+
+    rd = RunDir(RunConfig.from_preset("smoke", {"runs_root": str(root / "runs")}, name))
+    with rd.stage("00_parent") as st:
+        st.path("model.bin").write_bytes(b"weights")
+    return rd.root
+
+
+def test_a_copied_run_folder_is_read_as_itself(tmp_path):
+    """`cp -r runs/a runs/b; status --run-name b` reads runs/b (it used to read runs/a, the
+    run_name inside config.json, and report every stage "missing" once runs/a was gone)."""
+    import shutil
+
+    a = _finished_run(tmp_path, "a")
+    shutil.copytree(a, tmp_path / "runs" / "b")
+    shutil.rmtree(a)
+    r = subprocess.run([sys.executable, "-m", "puzzlelib", "status", "--run-name", "b", "--runs-root",
+                        str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"run 'b' (preset smoke) at {tmp_path / 'runs' / 'b'}" in r.stdout
+    assert re.search(r"00_parent +fresh", r.stdout), r.stdout
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`status | head`: the reader closes the pipe; the command ends without a BrokenPipeError
+    traceback (exit 141, as a command stopped by SIGPIPE)."""
+    _finished_run(tmp_path, "p")
+    proc = subprocess.Popen([sys.executable, "-m", "puzzlelib", "status", "--run-name", "p", "--runs-root",
+                             str(tmp_path / "runs")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before anything is written: every write hits a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
