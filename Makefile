@@ -17,8 +17,8 @@ export JUPYTER_PLATFORM_DIRS := 1
 export IPYTHONDIR           := $(CURDIR)/.cache/ipython
 export MPLCONFIGDIR         := $(CURDIR)/.cache/matplotlib
 export HF_HOME              := $(CURDIR)/.cache/hf
-export HF_HUB_OFFLINE       ?= 1
-export HF_DATASETS_OFFLINE  ?= 1
+# HF_HUB_OFFLINE is left to the runner: offline for the embedded parent, online (said in one line)
+# when the config names a hub id and HF_HUB_OFFLINE is not set; a value you set always wins.
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS ?= ignore:IProgress not found
 
@@ -49,6 +49,9 @@ test-fast: $(STAMP)   # skips the notebook smoke runs
 	$(BIN)/python -m pytest -m "not slow"
 
 # Opens with the venv's kernel "Python 3 (puzzlelib)". JupyterLab refuses root without --allow-root.
+# Offline unless you set HF_HUB_OFFLINE=0 (`make lab HF_HUB_OFFLINE=0` for a hub parent).
+lab: export HF_HUB_OFFLINE ?= 1
+lab: export HF_DATASETS_OFFLINE ?= 1
 lab: $(STAMP)
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 

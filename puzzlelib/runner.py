@@ -201,8 +201,12 @@ def _resolve(repo_root: Path, p: str) -> Path:
 
 
 def _is_hub_id(parent: str, repo_root: Path) -> bool:
-    """'org/name' or 'name' that is not a local folder (a path starts with / . ~ or has 2+ '/')."""
-    if parent == "embedded" or parent.startswith(("/", ".", "~")) or parent.count("/") > 1:
+    """'org/name' or 'name' that is not a local folder (a path starts with / . ~ or has 2+ '/'),
+    a .gguf file or a named parent (parent_source.py: those work offline once fetched)."""
+    from .parent_source import NAMED_PARENTS  # no torch at import
+
+    if (parent == "embedded" or parent.startswith(("/", ".", "~")) or parent.count("/") > 1
+            or parent.lower().endswith(".gguf") or parent in NAMED_PARENTS):
         return False
     return not _resolve(repo_root, os.path.expanduser(parent)).exists()
 
@@ -248,7 +252,8 @@ def _check_parent(cfg: RunConfig, repo_root: Path) -> None:
         gguf = cfg.parent.lower().endswith(".gguf")
         try:
             check(str(_resolve(repo_root, os.path.expanduser(cfg.parent))) if gguf else cfg.parent,
-                  cfg.seq_len, cache_dir=repo_root / ".cache" / "parents")
+                  cfg.seq_len, cache_dir=repo_root / ".cache" / "parents",
+                  hf_home=kernel_env(repo_root)["HF_HOME"])  # the HF cache the notebooks see
         except ParentSourceError as e:
             raise ConfigError(f"parent {cfg.parent!r}: {e}") from None
         return

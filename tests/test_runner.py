@@ -318,3 +318,27 @@ def test_headless_run_shows_the_stage_progress_and_a_summary(repo):
     assert "\r" not in out and "Executing Cell" not in out and "Executing:" not in out
     assert "[1/1] 00_parent: done in " in out
     assert ": held-out loss 2.500 (perplexity 12.2), 4.0 k tokens/s" in out
+
+
+def test_hub_ids_go_online_unless_the_user_said_otherwise(tmp_path):
+    """The embedded path stays offline; a parent hub id or an hf: corpus goes online (said in one
+    line) when HF_HUB_OFFLINE is unset; a HF_HUB_OFFLINE the user set always wins."""
+    from puzzlelib.runner import hub_access
+
+    (tmp_path / "local-llama").mkdir()
+    smoke = RunConfig.from_preset("smoke")
+    assert hub_access(smoke, tmp_path, {}) == (False, None)
+    hub = smoke.replace(parent="meta-llama/Llama-3.2-1B")
+    online, note = hub_access(hub, tmp_path, {})
+    assert online and note == ("puzzlelib: parent 'meta-llama/Llama-3.2-1B' comes from the Hugging "
+                               "Face hub: the notebooks may download (set HF_HUB_OFFLINE=1 to use "
+                               "only what is cached)")
+    assert hub_access(hub, tmp_path, {"HF_HUB_OFFLINE": "1"}) == (False, None)
+    assert hub_access(smoke.replace(corpus="hf:wikitext:wikitext-2-raw-v1"), tmp_path, {})[0]
+    # local folders, GGUF files and named parents (fetched once, then offline) stay offline
+    for local in ("local-llama", str(tmp_path / "local-llama"), "./x", "/models/a/b", "m.gguf",
+                  "smollm2-135m"):
+        assert hub_access(smoke.replace(parent=local), tmp_path, {}) == (False, None), local
+    # what the kernel then gets
+    assert "HF_HUB_OFFLINE" not in kernel_env(tmp_path, {}, online=True)
+    assert kernel_env(tmp_path, {}, online=False)["HF_HUB_OFFLINE"] == "1"
