@@ -146,8 +146,8 @@ def gpu_memory() -> tuple[int | None, str]:
     if not exe:
         return None, ""
     try:
-        out = subprocess.run([exe, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        query = [exe, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
         mib, name = out.splitlines()[0].split(",", 1)
         return int(float(mib)) << 20, name.strip()
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -170,7 +170,8 @@ def _peak(v: dict[str, Any], wheres: tuple[str, ...]) -> tuple[int, str, str]:
     return need, stage, what
 
 
-def _largest_fitting(v: dict[str, Any], name: str, wheres: tuple[str, ...], limit: int) -> int | None:
+def _largest_fitting(v: dict[str, Any], name: str, wheres: tuple[str, ...],
+                     limit: int) -> int | None:
     """The largest value of field ``name`` (<= its current value) whose estimate fits, or None."""
     lo, hi = 1, int(v[name])
     if _peak({**v, name: lo}, wheres)[0] > limit:
@@ -199,7 +200,8 @@ def memory_errors(c: RunConfig) -> list[str]:
     gpu, gpu_name = gpu_memory() if c.device in ("cuda", "auto") else (None, "")
     total, avail = host_memory()
     if gpu is not None:  # stage 00 trains on the CPU, the others on the GPU
-        checks = [(("cpu",), total, "RAM", avail), (("device",), gpu, f"GPU memory ({gpu_name})", None)]
+        checks = [(("cpu",), total, "RAM", avail),
+                  (("device",), gpu, f"GPU memory ({gpu_name})", None)]
     elif c.device == "cuda":  # no GPU visible here: check what runs on the CPU only
         checks = [(("cpu",), total, "RAM", avail)]
     else:
@@ -214,11 +216,13 @@ def memory_errors(c: RunConfig) -> list[str]:
                              if r[0] == stage and r[1] in wheres), key=lambda r: r[1])
         # The field to lower: of those that alone can make it fit, the one furthest above its
         # preset's value (the one that was blown up), first in SIZE_FIELDS on a tie.
+        # (Not corpus_max_bytes, the last of SIZE_FIELDS: it only caps the vocabulary.)
         best = None
-        above = {n: v[n] / max(1, base.get(n, v[n])) for n in SIZE_FIELDS[:-1]}  # not corpus_max_bytes: it only caps the vocabulary
+        above = {n: v[n] / max(1, base.get(n, v[n])) for n in SIZE_FIELDS[:-1]}
         for name in above:
             fits = _largest_fitting(v, name, wheres, limit)
-            if fits is not None and fits >= _MIN.get(name, 1) and (best is None or above[name] > best[2]):
+            if (fits is not None and fits >= _MIN.get(name, 1)
+                    and (best is None or above[name] > best[2])):
                 best = (name, fits, above[name])
         raised = sorted((n for n in above if above[n] > 1), key=lambda n: -above[n])
         fix = (f"lower {best[0]} (at most {best[1]:,} fits)" if best else

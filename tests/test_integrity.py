@@ -243,8 +243,8 @@ def test_memory_check_reads_the_gpu_for_cuda_and_can_be_skipped(machine, monkeyp
     over = {"bld_tokens_per_variant": 2_000_000, "device": "cuda"}  # 6.1 GB of streams
     monkeypatch.setattr(limits, "host_memory", lambda: (64 * GIB, 60 * GIB))
     monkeypatch.setattr(limits, "gpu_memory", lambda: (4 * GIB, "Tiny GPU"))
-    with pytest.raises(ConfigError, match=r"02_bld cannot fit .* 4\.0 GiB of GPU memory \(Tiny GPU\)"
-                                          r"; lower bld_tokens_per_variant"):
+    with pytest.raises(ConfigError, match=r"02_bld cannot fit .* 4\.0 GiB of GPU memory "
+                                          r"\(Tiny GPU\); lower bld_tokens_per_variant"):
         RunConfig.from_preset("default", over)
     RunConfig.from_preset("default", {**over, "bld_activations_on_disk": True})  # streams on disk
     RunConfig.from_preset("default", {**over, "device": "cpu"})  # 64 GiB of RAM hold them
@@ -282,7 +282,8 @@ def test_when_no_one_field_fits_the_raised_fields_are_named(machine):
             "parent_train_tokens": 10**9}
     with pytest.raises(ConfigError, match=r"no one field alone brings it down: lower seq_len "
                                           r"\(10,000,000; preset 'default' has 256\) and "
-                                          r"scoring_tokens \(10,000,000; preset 'default' has 4,096\)"):
+                                          r"scoring_tokens \(10,000,000; preset 'default' "
+                                          r"has 4,096\)"):
         RunConfig.from_preset("default", over)
     # and a suggestion is never below the field's valid range (vocab_size >= 264)
     assert "lower vocab_size" not in str(pytest.raises(ConfigError, RunConfig.from_preset,
