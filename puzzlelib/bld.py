@@ -48,7 +48,7 @@ Budget (measured on 2 CPU cores shared with other jobs, torch 2.13, ``threads=1`
 trains 80 of its 112 blocks on 131,072 tokens each (10.5M block-training tokens) in ~125 s, at
 ~84k tokens/s, of which the parent's streamed forward is ~24 s; ``smoke`` trains 28 of 44 blocks
 on 65,536 tokens each in ~6-8 s. With 2 threads on the same busy machine the default run took
-280 s (oversubscribed OpenMP threads): set ``threads=1`` when other work shares the cores.
+280 s (oversubscribed OpenMP threads): ``threads="auto"`` (the default) picks 1 thread on 2 cores.
 ``benchmarks/bench_bld.py`` measured the shared stream ~11x faster than a parent forward per job.
 
 Writes ``runs/<run>/02_bld/``: ``library/`` (see ``library.py``), ``metrics.json`` (normalized MSE
@@ -70,13 +70,13 @@ import shutil
 import sys
 import zlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data
+from . import data, precision
 from . import parent as parent_stage
 from .bld_plan import STAGE, BLDError, BLDSettings, Job, assign, plan
 
@@ -88,6 +88,7 @@ from .bld_train import (  # noqa: F401
     evaluate,
     job_module,
     nmse,
+    probe_step,
     sub_out,
     train_block,
     train_blocks,
@@ -170,8 +171,7 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     """Run (or reuse) stage 02 for ``cfg``. Under torchrun every rank calls this; rank 0 owns the
     stage manifest, all ranks train their shard. ``stop_after_jobs`` simulates a kill (tests)."""
     settings = BLDSettings.from_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    precision.apply_threads(cfg.threads)
     dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     if not dd.decide(rd.should_run(STAGE) if dd.main else False):
@@ -183,6 +183,12 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     variants, jobs = plan(model.config, cfg)
+    # Rank 0 decides the precision (once per run: precision.decide keeps it for a resume) and
+    # every rank trains in it; the library's index records the decision with the settings.
+    choice = (precision.decide(rd, STAGE, "bld_autocast_bf16", cfg.bld_autocast_bf16, dd.device,
+                               lambda rows=None: probe_step(model, settings, dd.device, rows))
+              if dd.main else None)
+    settings = replace(settings, autocast_bf16=dd.decide(bool(choice and choice.bf16)))
     train_tokens = data.load_tokens(pres.dir / "tokens", "train")
     held_tokens = data.load_tokens(pres.dir / "tokens", "heldout")
     settings_dict = {"bld": asdict(settings), "config": cfg.hashed_values(STAGE)}
@@ -196,6 +202,7 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
             try:
                 if dd.main:
                     st = stack.enter_context(rd.stage(STAGE))
+                    st.metrics["precision"] = choice.to_dict()
                     lib = _open_library(st.dir / "library", model, settings_dict, jobs, variants,
                                         cfg, train_tokens, settings)
             except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others

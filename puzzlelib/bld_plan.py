@@ -50,7 +50,7 @@ class BLDSettings:
     eval_tokens: int
     eval_every: int
     calib_tokens: int
-    autocast_bf16: bool
+    autocast_bf16: bool | str  # "auto" until bld.run decides it (precision.py); then a bool
     seed: int
 
     @classmethod

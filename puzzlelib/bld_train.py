@@ -8,7 +8,8 @@ parent once over the training and held-out batches, one layer at a time, keeping
 stream entering the layer and the parent's attention / FFN outputs (in RAM, on the device, or
 memory-mapped files). ``train_block`` trains one block on them (AdamW, the parent's LR schedule,
 optional bf16 autocast) and ``evaluate`` measures it on the held-out batches; ``train_blocks``
-drives a list of jobs (e.g. one rank's shard) through all of this.
+drives a list of jobs (e.g. one rank's shard) through all of this. ``probe_step`` is one training
+step at the stage's shapes, which ``precision.probe`` times in fp32 and bf16 (``bld_autocast_bf16="auto"``).
 
 Reads: the parent model, its train / held-out token arrays and the library's FFN channel scores.
 Writes: each finished block, atomically, to the ``Library`` it is given (and, with
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import data
+from . import data, precision
 from .bld_plan import BLDSettings, Job
 from .blocks import Variant, init_variant
 from .library import Library
@@ -77,6 +79,32 @@ def nmse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Σ(out − target)² / Σ target² (fp32)."""
     out, target = out.float(), target.float()
     return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+
+
+def probe_step(parent, s: BLDSettings, device: torch.device,
+               rows: int | None = None) -> Callable[[bool], None]:
+    """One BLD training step's compute at the stage's shapes (forward of an fp32 copy of the
+    parent's layer 0, attention and FFN, on a [batch, seq_len, hidden] input, ``rows`` sequences
+    instead of ``bld_batch_size`` when given; normalized-MSE loss; backward; no update): what
+    ``precision.probe`` times with and without bf16 autocast."""
+    import copy
+
+    layer = copy.deepcopy(parent.model.layers[0]).float().to(device).train()
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)  # the global RNG stays untouched
+    shape = (rows or s.batch_size, s.seq_len, parent.config.hidden_size)
+    x, target = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+    cos, sin, _, _ = parent.model.attention_inputs(
+        torch.zeros(1, s.seq_len, shape[-1], dtype=next(parent.parameters()).dtype, device=device))
+
+    def step(bf16: bool) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            out = sub_out(layer, "both", x, cos.float(), sin.float())
+        nmse(out, target).backward()
+        layer.zero_grad(set_to_none=True)
+
+    return step
 
 
 # ------------------------------------------------------------------ the parent's activations
@@ -275,6 +303,10 @@ def train_blocks(parent, lib: Library, jobs: list[Job], settings: BLDSettings,
     """Train ``jobs`` (any subset of the library's, e.g. one rank's shard) with shared, streamed
     parent activations and write each finished block to ``lib``. Jobs already in the library are
     skipped. Returns timing counters for this call."""
+    if not isinstance(settings.autocast_bf16, bool):  # "auto" outside bld.run: decided here, unrecorded
+        settings = replace(settings, autocast_bf16=precision.resolve_flag(
+            settings.autocast_bf16, "02_bld", "bld_autocast_bf16", device,
+            lambda rows=None: probe_step(parent, settings, device, rows)))
     pending = sorted((j for j in jobs if not lib.has(j.layer, j.name)), key=lambda j: j.layer)
     stats = {"jobs_run": 0, "train_tokens": 0, "parent_seconds": 0.0, "seconds": 0.0}
     if not pending:

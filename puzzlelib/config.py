@@ -46,6 +46,7 @@ from .validation import (  # noqa: F401  (the two constants are re-exported, unu
     _range_errors,
     _suggest,
     _type_word,
+    _auto_base,
     _unwrap,
 )
 
@@ -84,7 +85,10 @@ class RunConfig:
     preset: str = _f("default", "run")  # preset the values started from (recorded, not re-applied)
     runs_root: str = _f("runs", "run")  # where run dirs live; relative = to the project folder (the one holding notebooks/)
     reports_root: str = _f("reports", "run")  # where the runner writes executed notebooks + html
-    threads: int = _f(0, "01_profiling")  # torch intra-op threads; 0 = torch default. Tagged 01: wall-clock timings depend on it
+    # threads is tagged "01_profiling": wall-clock timings depend on it. "auto" = one thread per
+    # two physical cores (1 on a 2-core laptop: two threads beside any other busy process made a
+    # step several times slower; precision.py has the rule, benchmarks/bench_cpu.py the numbers).
+    threads: int | str = _f("auto", "01_profiling")  # torch intra-op threads: "auto", 0 = torch default, or a count
     force: bool = _f(False, "run")  # recompute stages even when their cached artifacts are fresh
     # seed is tagged "data" (not "run") because it changes the split, the tokenizer and every
     # trained weight: a new seed must never silently reuse artifacts made with the old one.
@@ -119,7 +123,12 @@ class RunConfig:
     parent_warmup_steps: int = _f(50, "00_parent")  # linear warm-up steps
     parent_weight_decay: float = _f(0.1, "00_parent")  # AdamW decoupled weight decay
     parent_grad_clip: float = _f(1.0, "00_parent")  # max global grad norm; 0 disables clipping
-    parent_autocast_bf16: bool = _f(True, "00_parent")  # bf16 autocast for training matmuls
+    # The *_autocast_bf16 fields take true, false or "auto": bf16 autocast only where the device
+    # runs bf16 natively AND a few-second probe of the stage's own training step measures it
+    # faster (precision.py); without native bf16 (most laptop CPUs) an autocast step was 20-25x
+    # slower than fp32. The choice and the probe's timings go to the stage's manifest and to
+    # environment.json; the hash holds the setting, not the choice.
+    parent_autocast_bf16: bool | str = _f("auto", "00_parent")  # bf16 autocast for training matmuls: true, false or "auto"
     parent_eval_every: int = _f(100, "00_parent")  # steps between held-out loss evaluations
     parent_eval_tokens: int = _f(65_536, "00_parent")  # held-out tokens per evaluation
     parent_checkpoint_every: int = _f(100, "00_parent")  # steps between resumable saves; 0 = never
@@ -162,7 +171,7 @@ class RunConfig:
     bld_calib_tokens: int = _f(16_384, "02_bld")  # train tokens measuring FFN channel contributions (pruning order)
     bld_eval_tokens: int = _f(8_192, "02_bld")  # held-out tokens for normalized MSE before/during/after
     bld_eval_every: int = _f(32, "02_bld")  # steps between held-out evaluations of a block; 0 = before/after only
-    bld_autocast_bf16: bool = _f(True, "02_bld")  # bf16 autocast for block training (targets and evaluation stay fp32)
+    bld_autocast_bf16: bool | str = _f("auto", "02_bld")  # bf16 autocast for block training: true, false or "auto" (targets and evaluation stay fp32)
     bld_activations_on_disk: bool = _f(False, "run")  # parent activations in memory-mapped files instead of RAM (same numbers)
 
     # ---- 03_scoring: replace-1-block scores of every library block -----------------------------
@@ -210,7 +219,7 @@ class RunConfig:
     gkd_cos_weight: float = _f(1.0, "05_gkd")  # weight of sum over layers of (1 - cos(child, parent hidden))
     gkd_kl_weight: float = _f(1.0, "05_gkd")  # weight of KL(parent || child) on next-token distributions
     gkd_lm_weight: float = _f(0.0, "05_gkd")  # weight of the LM loss on the data (paper: hurts; off)
-    gkd_autocast_bf16: bool = _f(True, "05_gkd")  # bf16 autocast for the forward passes
+    gkd_autocast_bf16: bool | str = _f("auto", "05_gkd")  # bf16 autocast for the forward passes: true, false or "auto"
     gkd_eval_every: int = _f(16, "05_gkd")  # steps between held-out evaluations; 0 = only at the end
     gkd_eval_tokens: int = _f(16_384, "05_gkd")  # held-out tokens per evaluation
     gkd_checkpoint_every: int = _f(16, "05_gkd")  # steps between resumable checkpoints; 0 = never
@@ -384,11 +393,15 @@ def parse_set_args(args: list[str] | None) -> dict[str, Any]:
         if optional and text.strip().lower() in ("none", "null"):
             out[key] = None
             continue
+        auto = _auto_base(types_[key]) is not None
+        if auto and text.strip().lower() == "auto":
+            out[key] = "auto"
+            continue
         try:
             out[key] = _parse_text(text.strip(), base)
         except ValueError:
-            raise ConfigError(f"--set {arg}: {key} expects {_type_word(base)}, got {text!r}"
-                              ) from None
+            raise ConfigError(f"--set {arg}: {key} expects {_type_word(base)}"
+                              f"{' or auto' if auto else ''}, got {text!r}") from None
     return out
 
 

@@ -319,6 +319,7 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     for u in UPSTREAM[STAGE]:  # in pipeline order: the first stage missing is the one to run
         rd.require(u)
     from . import bld, gkd, parent as parent_stage, profiling, search
+    from .precision import apply_threads
 
     t_start = time.perf_counter()
     pres = parent_stage.load(cfg)
@@ -327,8 +328,7 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     device = profiling.resolve_device(cfg.device)
     speed_threads = profiling.stage_threads(cfg)
     profiling.check_clock(cfg.profile_clock, device, speed_threads)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     parent_model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(device).eval()
     tokenizer = pres.load_tokenizer()
     entries, notes = collect_models(cfg, parent_model, pres.model_dir, sres, gres, prof.costs,

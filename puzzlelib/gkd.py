@@ -15,7 +15,8 @@ What it does:
 * assembles every child chosen by stage 04 — the MIP's solution(s) *and* the baselines, so the
   comparison is fair: every child gets the same token budget, batches and schedule — from the BLD
   library (``library.build_child_from_library``);
-* trains it with AdamW, linear warm-up + cosine decay, optional bf16 autocast on CPU, gradient
+* trains it with AdamW, linear warm-up + cosine decay, bf16 autocast where the device runs it
+  natively and a probe measures it faster (``gkd_autocast_bf16="auto"``, ``precision.py``), gradient
   accumulation, gradient clipping, tqdm, periodic held-out evaluation (KL, LM loss, top-1 agreement
   with the parent) and atomic checkpoints; a killed run resumes from its last checkpoint and ends
   with the same weights as an uninterrupted run (batch k depends only on (seed, k));
@@ -38,7 +39,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data
+from . import data, precision
 from .config import RunConfig
 from .distributed import Dist, stage_main
 from .export import save_checkpoint
@@ -77,7 +78,7 @@ class GKDSettings:
     cos_weight: float
     kl_weight: float
     lm_weight: float
-    autocast_bf16: bool
+    autocast_bf16: bool | str  # "auto" until gkd.run decides it (precision.py); then a bool
     eval_every: int
     eval_tokens: int
     checkpoint_every: int
@@ -155,6 +156,32 @@ def evaluate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, held: np.ndarr
     return {"kl": kl / n, "lm_loss": lm / n, "top1_agreement": agree / n, "tokens": int(n)}
 
 
+def probe_step(parent: PuzzleForCausalLM, s: GKDSettings, dd: Dist, rows: int | None = None):
+    """One GKD micro-step's compute at the stage's shapes (``rows`` sequences instead of the
+    micro-batch when given): the frozen parent's forward and a trainable copy's (the largest child
+    a search can pick is the parent itself), the GKD loss and its backward, no update.
+    ``precision.probe`` times it with and without bf16 autocast."""
+    import copy
+
+    child = copy.deepcopy(parent).float().train()
+    for p in child.parameters():
+        p.requires_grad_(True)
+    micro = rows or max(1, s.batch_size // (s.grad_accum * dd.world))
+    g = torch.Generator().manual_seed(0)  # the global RNG stays untouched
+    x, y = (torch.randint(0, parent.config.vocab_size, (micro, s.seq_len), generator=g).to(dd.device)
+            for _ in range(2))
+
+    def step(bf16: bool) -> None:
+        with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                pout = parent(x, output_hidden_states=True)
+            cout = child(x, output_hidden_states=True)
+        gkd_loss(cout, pout, y, s)[0].backward()
+        child.zero_grad(set_to_none=True)
+
+    return step
+
+
 # ---------------------------------------------------------------------------------- training
 
 def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarray, held: np.ndarray,
@@ -172,6 +199,9 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarr
     parent.eval()
     for p in parent.parameters():
         p.requires_grad_(False)
+    if not isinstance(s.autocast_bf16, bool):  # "auto" outside run(): decided here, unrecorded
+        s = replace(s, autocast_bf16=precision.resolve_flag(
+            s.autocast_bf16, STAGE, "gkd_autocast_bf16", dd.device, lambda rows=None: probe_step(parent, s, dd, rows)))
     opt = make_optimizer(child, s.lr, s.weight_decay)
     history = {"step": [], "loss": [], "cosine": [], "kl": [], "lm": [], "lr": [], "eval_step": [],
                "eval": [], "tokens_per_step": s.batch_size * s.seq_len, "total_steps": s.steps, "seconds": 0.0}
@@ -366,8 +396,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
     """Run (or reuse) stage 05 for ``cfg``. Under torchrun every rank calls this."""
     from . import bld, parent as parent_stage
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)  # more threads than free cores slows everything 2-10x
+    precision.apply_threads(cfg.threads)  # more threads than free cores slows everything 2-10x
     dd = Dist(cfg.device)
     rd = RunDir(cfg, create=dd.main)
     fresh = rd.is_fresh(STAGE) and not cfg.force
@@ -384,6 +413,14 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
     children = _children_from_search(cfg)
     train = data.load_tokens(pres.dir / "tokens", "train")
     held = data.load_tokens(pres.dir / "tokens", "heldout")
+    # Rank 0 decides the precision once per run (precision.decide keeps it for a resume); every
+    # rank, and the ablation, trains in it; metrics.json's settings record it.
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    choice = (precision.decide(rd, STAGE, "gkd_autocast_bf16", cfg.gkd_autocast_bf16, dd.device,
+                               lambda rows=None: probe_step(parent, s, dd, rows)) if dd.main else None)
+    bf16 = dd.decide(bool(choice and choice.bf16))
+    s = GKDSettings.from_config(cfg, autocast_bf16=bf16)
 
     def body(out: Path, key: str) -> tuple[dict, dict]:
         if cfg.force:
@@ -403,7 +440,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
             first = children[0]
             for label, (wc, wk, wl) in ABLATIONS.items():
                 sa = GKDSettings.from_config(cfg, tokens=cfg.gkd_ablation_tokens, cos_weight=wc, kl_weight=wk,
-                                             lm_weight=wl)
+                                             lm_weight=wl, autocast_bf16=bf16)
                 item = _Renamed(first, f"ablation-{label}")
                 r = distill_children(parent, [item], library_root, train, held, sa, out / "ablation", key, dd,
                                      tokenizer=tokenizer)
@@ -412,6 +449,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> GKDResult:
 
     if dd.main:
         with rd.stage(STAGE) as st:
+            st.metrics["precision"] = choice.to_dict()
             metrics, ablation = body(st.dir, st.key)
             summary = {"children": metrics, "settings": asdict(s), "world_size": dd.world}
             atomic_write_json(st.dir / "metrics.json", summary)

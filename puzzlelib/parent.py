@@ -5,7 +5,8 @@ What it does:
   tokenizer (trained for the embedded parent; a Hugging Face parent brings its own) and packed
   train / held-out token arrays;
 * for ``parent="embedded"``: builds a small Llama as an all-parent ``PuzzleForCausalLM`` and trains
-  it — AdamW, linear warm-up + cosine decay, bf16 autocast on CPU, gradient clipping, periodic
+  it — AdamW, linear warm-up + cosine decay, bf16 autocast where the CPU runs it natively and a
+  probe measures it faster (``precision.py``; else fp32), gradient clipping, periodic
   held-out evaluation, tqdm — checkpointing every ``parent_checkpoint_every`` steps so a killed
   run resumes where it stopped and ends with the same weights as an uninterrupted one (batch k
   depends only on (seed, k); no dropout; optimizer state is checkpointed);
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import data, parent_source
+from . import data, parent_source, precision
 from .config import RunConfig
 from .export import load_checkpoint, save_checkpoint, tensors_to_save
 from .model import PuzzleConfig, PuzzleForCausalLM, count_params
@@ -207,13 +208,40 @@ def load_train_state(state_dir: Path, model, opt, key: str):
     return state["step"], state["history"]
 
 
+def probe_step(model: PuzzleForCausalLM, cfg: RunConfig, rows: int | None = None):
+    """One parent training step's compute (forward + loss + backward, no optimizer update) on a
+    copy of ``model`` at the stage's batch shape (``rows`` sequences instead of
+    ``parent_batch_size`` when given): what ``precision.probe`` times both ways."""
+    import copy
+
+    m = copy.deepcopy(model).train()
+    g = torch.Generator().manual_seed(0)  # the global RNG stays untouched: training is unchanged
+    shape = (rows or cfg.parent_batch_size, cfg.seq_len)
+    x = torch.randint(0, m.config.vocab_size, shape, generator=g)
+    y = torch.randint(0, m.config.vocab_size, shape, generator=g)
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = m(x).logits
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        m.zero_grad(set_to_none=True)
+
+    return step
+
+
 def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, held: np.ndarray,
-                 state_dir: Path, key: str, stop_after: int | None = None) -> dict:
+                 state_dir: Path, key: str, stop_after: int | None = None,
+                 bf16: bool | None = None) -> dict:
     """Train ``model`` in place on ``train``; returns the history (train/eval loss curves).
 
     ``stop_after`` ends the loop early after that many steps *of this call* (used by tests to
     simulate an interruption). Resumes from ``state_dir`` when it holds a checkpoint for ``key``.
+    ``bf16``: train under bf16 autocast; None = ``cfg.parent_autocast_bf16`` ("auto" decided here,
+    unrecorded: ``run`` decides it once per run and passes it).
     """
+    if bf16 is None:
+        bf16 = precision.resolve_flag(cfg.parent_autocast_bf16, STAGE, "parent_autocast_bf16",
+                                      "cpu", lambda rows=None: probe_step(model, cfg, rows))
     tokens_per_step = cfg.parent_batch_size * cfg.seq_len
     total = max(1, math.ceil(cfg.parent_train_tokens / tokens_per_step))
     opt = make_optimizer(model, cfg.parent_lr, cfg.parent_weight_decay)
@@ -232,7 +260,7 @@ def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, he
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = data.batch_at(train, cfg.parent_batch_size, cfg.seq_len, cfg.seed, step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.parent_autocast_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
@@ -245,7 +273,7 @@ def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, he
         history["lr"].append(lr)
         last = step == total - 1
         if (cfg.parent_eval_every and (step + 1) % cfg.parent_eval_every == 0) or last:
-            ev = evaluate(model, held, cfg, cfg.parent_eval_tokens, cfg.parent_autocast_bf16)
+            ev = evaluate(model, held, cfg, cfg.parent_eval_tokens, bf16)
             history["eval_step"].append(step + 1)
             history["eval_loss"].append(round(ev, 5))
             bar.set_postfix(loss=f"{loss.item():.3f}", heldout=f"{ev:.3f}")
@@ -301,8 +329,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
         rd.note_reused(STAGE)
         return _load_result(rd, reused=True)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = precision.apply_threads(cfg.threads)
     with rd.stage(STAGE) as st:
         out = st.dir
         hf_tok = source = None
@@ -317,7 +344,11 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
         t0 = time.perf_counter()
         if cfg.parent == "embedded":
             model = PuzzleForCausalLM(embedded_config(cfg, tokenizer))
-            history = train_parent(model, cfg, train, held, out / "train_state", st.key, stop_after)
+            choice = precision.decide(rd, STAGE, "parent_autocast_bf16", cfg.parent_autocast_bf16,
+                                      "cpu", lambda rows=None: probe_step(model, cfg, rows))
+            st.metrics["precision"] = choice.to_dict()
+            history = train_parent(model, cfg, train, held, out / "train_state", st.key, stop_after,
+                                   bf16=choice.bf16)
         else:
             model = source.load_model(dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
             history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "train_seconds": 0.0}
@@ -343,7 +374,7 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
             "train_seconds": round(history["train_seconds"], 1),
             "train_tokens_per_second": round(len(history["step"]) * history.get("tokens_per_step", 0)
                                              / max(history["train_seconds"], 1e-9), 1),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
             "setup_seconds": round(time.perf_counter() - t0 - history["train_seconds"], 1),
         }
         samples = sample_generations(model, tokenizer, heldout_prompts(corpus))

@@ -126,6 +126,7 @@ from .costs import (  # noqa: F401
     scenarios_from_config,
 )
 from .model import PuzzleForCausalLM
+from .precision import resolve_threads
 from .rundir import RunDir, atomic_write_json, cached_sha256, file_sha256, read_csv_rows
 from .timing import (  # noqa: F401
     CLOCKS,
@@ -291,12 +292,12 @@ def _load_result(rd: RunDir, reused: bool) -> ProfilingResult:
 def stage_threads(cfg: RunConfig) -> int:
     """Intra-op threads for the measurement: the config's, or 1 for the CPU clock."""
     if cfg.profile_clock == "cpu":
-        if cfg.threads not in (0, 1):
+        if cfg.threads not in (0, 1, "auto"):
             raise ProfilingError(
                 f"profile_clock='cpu' measures one thread's CPU time but threads={cfg.threads}: "
-                "set threads=1 (or 0), or profile_clock='wall' to time all threads")
+                "set threads=1 (or 0 or auto), or profile_clock='wall' to time all threads")
         return 1
-    return cfg.threads or torch.get_num_threads()
+    return resolve_threads(cfg.threads) or torch.get_num_threads()
 
 
 def run(cfg: RunConfig, progress: bool = True) -> ProfilingResult:

@@ -3,7 +3,9 @@
 What it does: owns `runs/<run_name>/` (under `cfg.runs_root`):
 
     config.json         the resolved RunConfig of the latest process that opened the run
-    environment.json    python / package versions, device, CPU count, threads, git commit
+    environment.json    python / package versions, device, CPU count, threads, git commit, and
+                        each training stage's precision (bf16 or fp32, and why: precision.py)
+    precision.json      those precision decisions, reused when a stage reruns (precision.py)
     .locks/<stage>.lock one exclusive lock per stage (outside the stage folder, so wiping a stage
                         folder never drops a lock someone holds)
     <stage>/            the stage's artifacts + manifest.json
@@ -297,6 +299,14 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
         env["device"] = device
         on_gpu = device == "cuda" and cuda
         env["device_name"] = torch.cuda.get_device_name(0) if on_gpu else _cpu_model()
+        # Decided at run time (precision.py): the thread count, native bf16, and the precision
+        # each training stage chose with its probe's timings (kept in precision.json for reruns).
+        from .precision import bf16_native, read_choices, threads_record
+
+        env["threads"] = threads_record(cfg.threads)
+        env["bf16_native"] = dict(zip(("native", "how"), bf16_native(device)))
+        root = resolve_path(cfg.runs_root) / cfg.run_name
+        env["precision"] = {s: v["choice"] for s, v in read_choices(root).items()}
     except ImportError as e:
         env["torch_error"] = str(e)
     repo = Path(__file__).resolve().parent.parent

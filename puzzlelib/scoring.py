@@ -52,6 +52,7 @@ import torch
 from . import bld as bld_stage
 from . import data
 from . import parent as parent_stage
+from . import precision
 from .config import RunConfig
 from .interactions import (
     INTERACTION_COLUMNS,
@@ -243,8 +244,7 @@ def run(cfg: RunConfig, progress: bool = True) -> ScoringResult:
     held = data.load_tokens(pres.dir / "tokens", "heldout")
     batches = heldout_batches(held, cfg)  # bad held-out input fails here, before any artifact
     bres = bld_stage.load(cfg)     # StageNotReady naming notebooks/02_bld.ipynb if missing
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    precision.apply_threads(cfg.threads)
     model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

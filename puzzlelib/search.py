@@ -366,6 +366,12 @@ def _floats(text: str, what: str) -> list[float]:
         raise SearchError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _mip_threads(setting) -> int:
+    from .precision import resolve_threads  # imports torch; this module does not need it otherwise
+
+    return resolve_threads(setting)
+
+
 def searcher_from_config(cfg: RunConfig, costs, table) -> Searcher:
     """The configured :class:`Searcher` for a cost table (stage 01) and a score table (stage 03)."""
     scores, pv = scores_from_table(table, cfg.search_metric)
@@ -375,7 +381,7 @@ def searcher_from_config(cfg: RunConfig, costs, table) -> Searcher:
     batches = [int(b) for b in _floats(cfg.search_batch_sizes, "search_batch_sizes")] or None
     parent_params = problem.total(problem.parent, "params", problem.batch_sizes[0])
     return Searcher(problem, Budget.from_config(cfg, parent_params), batches, cfg.search_solver,
-                    cfg.search_time_limit_s, cfg.search_mip_gap, cfg.threads, cfg.search_cross_check)
+                    cfg.search_time_limit_s, cfg.search_mip_gap, _mip_threads(cfg.threads), cfg.search_cross_check)
 
 
 def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfig, progress: bool = True) -> None:
@@ -458,6 +464,7 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
 
     from . import baselines, profiling, scoring
     from . import parent as parent_stage
+    from .precision import apply_threads
 
     costs = profiling.load_costs(cfg)   # StageNotReady naming notebook 01 if missing or stale
     table = scoring.load_scores(cfg)    # ... and notebook 03
@@ -468,8 +475,7 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
     solutions, notes = s.diverse(cfg.search_num_solutions, cfg.search_min_diff_fraction, progress,
                                  cfg.search_min_diff_layers)
     search_seconds = time.perf_counter() - t0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     with rd.stage(STAGE) as st:
         pres = parent_stage.load(cfg)
         model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(profiling.resolve_device(cfg.device)).eval()

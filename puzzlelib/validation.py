@@ -41,11 +41,23 @@ RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
 def _unwrap(hint: Any) -> tuple[type, bool]:
-    """`int | None` -> (int, True); `int` -> (int, False)."""
+    """`int | None` -> (int, True); `int` -> (int, False); `bool | str` (a field that also takes
+    "auto", see `_auto_base`) -> (bool, False)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], type(None) in args
+    return hint, False
+
+
+def _auto_base(hint: Any) -> type | None:
+    """For a field typed `X | str` (X not str), X: such a field takes an X or the string "auto"
+    (decided at run time, e.g. `threads`, `parent_autocast_bf16`); None for any other field."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+        if len(args) == 2 and str in args:
+            return next(a for a in args if a is not str)
+    return None
 
 
 def _type_word(base: type) -> str:
@@ -54,6 +66,15 @@ def _type_word(base: type) -> str:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    auto = _auto_base(hint)
+    if auto is not None:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto", None
+        got, error = (None, "not a string") if isinstance(value, str) else _coerce(name, value, auto)
+        if error:
+            return None, (f"{name} expects {_type_word(auto)} or 'auto', got {value!r} "
+                          f"({type(value).__name__})")
+        return got, None
     base, optional = _unwrap(hint)
     if value is None and optional:
         return None, None
@@ -99,7 +120,8 @@ def _range_errors(c: RunConfig) -> list[str]:
     need(bool(c.runs_root.strip()), "runs_root must not be empty (default 'runs')")
     need(bool(c.reports_root.strip()), "reports_root must not be empty (default 'reports')")
     need(0 <= c.seed < 2**32, f"seed must be in [0, 2**32) (numpy's limit), got {c.seed}")
-    need(c.threads >= 0, f"threads must be >= 0 (0 = torch default), got {c.threads}")
+    need(c.threads == "auto" or c.threads >= 0,
+         f"threads must be 'auto', 0 (torch default) or a count >= 1, got {c.threads}")
     e += _corpus_errors(c.corpus)
     need(c.corpus_max_bytes > 0, f"corpus_max_bytes must be > 0, got {c.corpus_max_bytes}")
     need(c.tokenizer_train_bytes > 0,

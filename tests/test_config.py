@@ -173,7 +173,7 @@ def test_from_dict_is_strict_but_tolerates_missing_keys(tmp_path):
     with pytest.raises(ConfigError, match="force expects true/false"):
         RunConfig.from_dict({**d, "force": "no"})
     del d["threads"]  # a config.json written before a field existed still loads
-    assert RunConfig.from_dict(d).threads == 0
+    assert RunConfig.from_dict(d).threads == "auto"
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
