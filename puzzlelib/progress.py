@@ -57,7 +57,9 @@ def fit(line: str, width: int) -> str:
 def clock(seconds: float) -> str:
     """93 -> '1:33', 3725 -> '1:02:05'."""
     s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 # ---- notebook process ---------------------------------------------------------------------------
@@ -207,8 +209,8 @@ def key_numbers(stage: str, metrics: dict[str, Any]) -> str:
             out.append(f"{_rate(m['train_tokens_per_second'])} tokens/s")
     elif stage == "01_profiling":
         if has("prefill_median_rel_err", "decode_median_rel_err"):
-            out.append(f"runtime model off by {100 * m['prefill_median_rel_err']:.1f} % (prefill) / "
-                       f"{100 * m['decode_median_rel_err']:.1f} % (decode), median")
+            out.append(f"runtime model off by {100 * m['prefill_median_rel_err']:.1f} % "
+                       f"(prefill) / {100 * m['decode_median_rel_err']:.1f} % (decode), median")
     elif stage == "02_bld":
         if has("blocks"):
             out.append(f"{m['blocks']} blocks")

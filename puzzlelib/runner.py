@@ -571,7 +571,8 @@ def _descendants(pid: int) -> list:
         return []
 
 
-_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                      if hasattr(signal, n))
 
 
 def _stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -660,7 +661,8 @@ def _child(spec_path: str) -> int:
     if spec.get("progress_fd") is not None:  # the runner's live line: streams and cell numbers
         sender = ProgressSender(spec["progress_fd"])
         tap = StreamTap(sender)
-        live = {"stdout_file": tap, "stderr_file": tap, "on_notebook_start": sender.on_notebook_start,
+        live = {"stdout_file": tap, "stderr_file": tap,
+                "on_notebook_start": sender.on_notebook_start,
                 "on_cell_start": sender.on_cell_start}
     out = Path(spec["output"])
     # papermill saves after every cell: run into a hidden file so reports/ never holds a
@@ -785,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
 def _raise_on_termination() -> dict:
     """SIGTERM and SIGHUP raise Terminated (a KeyboardInterrupt) in the main thread, so they stop
     a run as Ctrl-C does instead of killing this process and orphaning the notebook. Returns the
-    previous handlers (none when not called from the main thread, where Python allows no handler)."""
+    previous handlers (none outside the main thread, where Python allows no handler)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -799,9 +801,9 @@ def _interrupted_line(e: BaseException) -> str:
     sig = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
     how = "Ctrl-C" if sig == "SIGINT" else sig
     if isinstance(e, Interrupted):
-        return (f"puzzlelib: stopped by {how} during {e.stage}: its notebook and kernel are stopped "
-                f"(the stage reads 'interrupted' in `status`); run the same command again to "
-                "resume, finished stages are reused")
+        return (f"puzzlelib: stopped by {how} during {e.stage}: its notebook and kernel are "
+                "stopped (the stage reads 'interrupted' in `status`); run the same command again "
+                "to resume, finished stages are reused")
     return f"puzzlelib: stopped by {how}"
 
 
