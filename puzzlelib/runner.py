@@ -522,9 +522,10 @@ def _follow(proc: subprocess.Popen, events_fd: int | None,
     if display is None:
         return proc.wait()
     q: queue.Queue = queue.Queue()
+    own_fd = os.dup(events_fd)  # the thread's own copy: the caller closes events_fd when it likes
 
     def read_events() -> None:
-        with os.fdopen(os.dup(events_fd), "rb") as f:
+        with os.fdopen(own_fd, "rb") as f:
             for raw in f:
                 try:
                     q.put(("event", json.loads(raw)))
