@@ -1,18 +1,22 @@
 """Stage 04's MIP at Nemotron-51B scale: 80 layers, 6 attention x 9 FFN variants, synthetic costs.
 
-Times each solver on the same matrices (gurobipy where its licence admits the size, HiGHS), to
-optimality (gap 0), and the time for 10 diverse solutions (each differing from all earlier ones
-in >= 20 % of layers). Also the default preset's size (8 layers, 5 x 9). Synthetic costs follow a
-Llama-70B layer: attention time ~ Q/O + K/V projections + KV reads, FFN time ~ width; scores grow
-with how much a variant removes, more in the first and last layers.
+For each instance and each solver (gurobipy where its pip licence admits the size, HiGHS), side by
+side in one run: one best child over all batch sizes and k diverse solutions (each differing from
+all earlier ones in >= 20 % of layers), at the stage's gap (1e-6), with the batch-size cutoff on
+(the default: the winning batch is solved first and its objective closes the others at their bound)
+and off (every batch solved to the end, as before). Prints each solution's objective for both
+solvers and whether they agree, how many solves were proven to the gap, and the timings. Costs are
+in real units (bytes ~1e9, parameters ~1e9): every row reaches the solvers scaled (mip.formulate).
+Synthetic costs follow a Llama-70B layer: attention time ~ Q/O + K/V projections + KV reads, FFN
+time ~ width; scores grow with how much a variant removes, more in the first and last layers.
 
-    python benchmarks/bench_search.py [--layers 80 --repeats 3]
+    python benchmarks/bench_search.py [--layers 80 --solutions 10 --instances default,mid,nemotron]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
 
 import numpy as np
@@ -56,47 +60,67 @@ def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) ->
     return Problem(out, fixed, BATCHES, [(next(iter(attn)), next(iter(ffn)))] * layers)
 
 
+def run(p, budget, solver: str, k: int, cutoff: bool, time_limit: float, gap: float) -> dict:
+    """One best child and k diverse solutions with one solver; timings and objectives."""
+    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
+    s.use_cutoff = cutoff
+    t = time.perf_counter()
+    best = s.best()
+    t_best = time.perf_counter() - t
+    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
+    s.use_cutoff = cutoff
+    t = time.perf_counter()
+    sols, _ = s.diverse(k, 0.2, progress=False)
+    return {"best": t_best, "best_score": best.predicted["score"], "diverse": time.perf_counter() - t,
+            "scores": [x.predicted["score"] for x in sols], "proven": sum(x.solver["proven"] for x in sols),
+            "solvers": sorted({x["solver"].split()[0] for x in s.log}),
+            "largest": (max(x["variables"] for x in s.log), max(x["constraints"] for x in s.log))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--solutions", type=int, default=10)
+    ap.add_argument("--instances", default="default,mid,nemotron")
     ap.add_argument("--speedup", type=float, default=2.17)
     ap.add_argument("--memory-gib", type=float, default=80.0)
+    ap.add_argument("--gap", type=float, default=1e-6)
     ap.add_argument("--time-limit", type=float, default=300.0)
     args = ap.parse_args()
     small = {k: v for k, v in ATTN.items() if k != "attn:kv8"}  # the default parent has 4 KV heads
-    for label, layers, attn in ((f"Nemotron-51B scale ({args.layers} layers, 6 x 9)", args.layers, ATTN),
-                                ("default preset size (8 layers, 5 x 9)", 8, small)):
+    instances = {"default": ("default preset size (8 layers, 5 x 9)", 8, small),
+                 "mid": ("40 layers, 6 x 9 (inside gurobipy's pip licence)", 40, ATTN),
+                 "nemotron": (f"Nemotron-51B scale ({args.layers} layers, 6 x 9)", args.layers, ATTN)}
+    print(f"machine: {os.cpu_count()} CPU cores; gap {args.gap:g}; {args.solutions} diverse solutions, each "
+          f"differing in >= 20 % of layers; cross-check off (timings are one solver's)")
+    for key in args.instances.split(","):
+        label, layers, attn = instances[key]
         p = synthetic(layers, attn)
         budget = Budget(min_speedup=args.speedup, max_memory_bytes=args.memory_gib * 2**30)
         print(f"\n== {label}: {len(p.columns)} option binaries, batches {p.batch_sizes}, "
               f"speed-up >= {args.speedup}x, memory <= {args.memory_gib} GiB")
+        out = {}
         for solver in ("gurobi", "highs"):
-            try:
-                times, score = [], None
-                for _ in range(args.repeats):
-                    s = Searcher(p, budget, solver=solver, gap=0.0, time_limit=args.time_limit)
-                    t = time.perf_counter()
-                    spec = s.best()
-                    times.append(time.perf_counter() - t)
-                    score = spec.predicted["score"]
-                per = [x["seconds"] for x in s.log]
-                print(f"{solver:7s} best over {len(s.batches)} batch sizes: median {statistics.median(times):.3f} s "
-                      f"(per solve {min(per):.3f}-{max(per):.3f} s) score {score:.6f} batch {spec.batch} "
-                      f"speed-up {spec.predicted['speedup']:.3f} status {spec.solver['status']}")
-                s = Searcher(p, budget, solver=solver, gap=0.0, time_limit=args.time_limit)
-                t = time.perf_counter()
-                sols, _ = s.diverse(10, 0.2, progress=False)
-                dt = time.perf_counter() - t
-                print(f"{solver:7s} 10 diverse solutions: {dt:.2f} s ({len(sols)} found; scores "
-                      f"{sols[0].predicted['score']:.4f} .. {sols[-1].predicted['score']:.4f}); solvers used "
-                      f"{sorted({x['solver'] for x in s.log})}; largest model {max(x['variables'] for x in s.log)} "
-                      f"variables {max(x['constraints'] for x in s.log)} constraints")
-                fb = {x["fallback_reason"] for x in s.log if x["fallback_reason"]}
-                if fb:
-                    print(f"        fallbacks: {fb}")
-            except Exception as e:  # noqa: BLE001 — report and go on with the other solver
-                print(f"{solver:7s} failed: {e}")
+            for cutoff in (False, True):
+                tag = f"{solver:6s} cutoff {'on ' if cutoff else 'off'}"
+                try:
+                    r = out[(solver, cutoff)] = run(p, budget, solver, args.solutions, cutoff, args.time_limit, args.gap)
+                except Exception as e:  # noqa: BLE001 — report (licence refusal) and go on
+                    print(f"{tag}: failed: {str(e)[:160]}")
+                    continue
+                print(f"{tag}: best {r['best']:.2f} s; {len(r['scores'])} diverse {r['diverse']:.2f} s, "
+                      f"{r['proven']} proven to the gap; used {r['solvers']}; largest model {r['largest'][0]} "
+                      f"variables x {r['largest'][1]} constraints")
+        runs = list(out.items())
+        for (sa, ca), ra in runs:
+            for (sb, cb), rb in runs:
+                if (sa, ca) < (sb, cb):
+                    agree = [abs(x - y) <= args.gap * abs(x) + 1e-9 for x, y in zip(ra["scores"], rb["scores"])]
+                    print(f"  {sa}/{'on' if ca else 'off'} vs {sb}/{'on' if cb else 'off'}: best "
+                          f"{ra['best_score']:.9f} vs {rb['best_score']:.9f}; diverse objectives agree on "
+                          f"{sum(agree)} of {len(agree)}" + ("" if all(agree) else
+                          f" (first differing: {agree.index(False) + 1}: {ra['scores'][agree.index(False)]:.6f} vs "
+                          f"{rb['scores'][agree.index(False)]:.6f})"))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ class Searcher:
                          self.batches[0])
         self.log: list[dict] = []
         self._last_batch: int | None = None  # the batch that won the last search: solved first next time
+        self.use_cutoff = True  # False: solve every batch size to the end (benchmarks/bench_search.py compares)
 
     def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
         """One checked solve (``mip.solve_checked``), logged."""
@@ -214,7 +215,7 @@ class Searcher:
         # The batch that won last time first: its objective is the others' cutoff, so a batch that
         # cannot beat it is closed by its bound instead of being solved to the end.
         for b in sorted(self.batches, key=lambda b: b != self._last_batch):
-            cutoff = None if incumbent is None else incumbent + self._tie(incumbent)
+            cutoff = None if incumbent is None or not self.use_cutoff else incumbent + self._tie(incumbent)
             res = self._solve(b, constraint_rows(self.problem, budget, b, self.ref_tps), purpose, cuts=cuts,
                               min_differ=min_differ, cutoff=cutoff)
             per_batch.append({"batch": b, "status": res.solved.status, "objective": res.objective,
