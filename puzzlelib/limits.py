@@ -146,8 +146,8 @@ def gpu_memory() -> tuple[int | None, str]:
     if not exe:
         return None, ""
     try:
-        query = [exe, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"]
-        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run([exe, "--query-gpu=memory.total,name", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
         mib, name = out.splitlines()[0].split(",", 1)
         return int(float(mib)) << 20, name.strip()
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
