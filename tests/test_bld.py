@@ -142,6 +142,17 @@ def test_bld_lowers_heldout_nmse_of_every_trained_block(reference):
     assert err["bld"] < err["init"], err
 
 
+def test_precision_decision_is_recorded(reference):
+    """The stage's manifest says which precision BLD trained in and why; the library's index
+    records the decided bool (never "auto") with the settings the blocks depend on."""
+    cfg, _, res, _ = reference
+    p = RunDir(cfg, create=False).manifest("02_bld")["metrics"]["precision"]
+    assert (p["field"], p["setting"], p["bf16"], p["probe"]) == ("bld_autocast_bf16", False, False, None)
+    index = json.loads((res.library_dir / "index.json").read_text())
+    assert index["settings"]["bld"]["autocast_bf16"] is False
+    assert index["settings"]["config"]["bld_autocast_bf16"] is False
+
+
 def test_second_run_reuses(reference, capsys):
     cfg, _, res, _ = reference
     again = bld.run(cfg, progress=False)
