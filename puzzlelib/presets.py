@@ -20,7 +20,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # so 2M tokens (~980 steps) is ~35 s here and under a minute on a slower machine.
     "smoke": dict(
         # One thread: this model's matrices are too small to gain from two, and a second thread
-        # spinning against any other busy process makes every step several times slower.
+        # spinning against any other busy process makes every step several times slower. One
+        # thread and fp32 are what "auto" picks here too (benchmarks/bench_cpu.py --preset smoke:
+        # bf16 autocast 2.4x slower than fp32 per parent step even with native bf16), but they are
+        # set explicitly: this preset backs the bit-identity test, which must not rest on a probe.
         threads=1,
         corpus_max_bytes=1_500_000, tokenizer_train_bytes=500_000, vocab_size=512, seq_len=64,
         parent_hidden_size=64, parent_num_layers=4, parent_num_heads=4, parent_num_kv_heads=2,
@@ -44,8 +47,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_next_line_samples=48, eval_name_samples=48, eval_bpb_chunks=8, eval_bpb_chunk_bytes=512,
         eval_context_lines=4, eval_speed_rounds=2, eval_bootstrap=200,
     ),
-    # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens: ~6 min
-    # of training at the 5.7k tok/s measured with bf16 autocast on 2 cores, ~10 min at 3.5k).
+    # The workshop run on a laptop CPU: the defaults (a 6.8M-parameter parent, 2M tokens). threads
+    # and the *_autocast_bf16 fields are "auto": one thread on 2 cores, and bf16 autocast only where
+    # the CPU runs it natively and a probe of the stage's step measures it faster. Without native
+    # bf16 an autocast step is emulated, 20-25x slower (the 58-minute parent of issue #16); on the
+    # 2-core Xeon with AVX512-BF16 (no AMX) the kit is developed on, bf16 autocast measured 1.5-1.8x
+    # slower than fp32 at these shapes too (one core's CPU time, benchmarks/bench_cpu.py), so auto
+    # trains in fp32 there as well.
     # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
     # the laptop or the shared workshop server runs meanwhile (see notebook 01).
     "default": dict(profile_clock="cpu"),
