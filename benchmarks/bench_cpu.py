@@ -9,7 +9,9 @@ The steps, at a preset's real shapes (``default`` unless ``--preset``), random w
 
 Table 1 times each step in fp32 and under bf16 autocast with 1 and N threads (N = the CPUs this
 process may use), interleaved after a warm-up, all in this one process, and prints the ratios
-bf16/fp32 and N-threads/1-thread. Table 2 times the parent step with 1 and N threads, alone and
+bf16/fp32 and N-threads/1-thread; below it, the one-thread cells again in this process's CPU time,
+which other processes' load does not stretch (what ``precision.probe`` measures with one thread),
+with the fp32 tokens/s it implies. Table 2 times the parent step with 1 and N threads, alone and
 with a CPU-bound neighbour process (``python -c "while True: pass"``, started and stopped between
 rounds, so both conditions see the same machine): the case the ``threads="auto"`` rule is for.
 Last, the choice ``auto`` makes on this machine for each stage (``precision.choose`` fed the
@@ -46,6 +48,12 @@ from puzzlelib.model import PuzzleConfig, PuzzleForCausalLM
 
 STEPS = ("parent", "bld", "scoring", "gkd")
 FIELD = {"parent": "parent_autocast_bf16", "bld": "bld_autocast_bf16", "gkd": "gkd_autocast_bf16"}
+TOKENS = {  # tokens one step processes
+    "parent": lambda c: c.parent_batch_size * c.seq_len,
+    "bld": lambda c: c.bld_batch_size * c.seq_len,
+    "scoring": lambda c: c.scoring_batch_size * c.seq_len,
+    "gkd": lambda c: c.gkd_batch_size // c.gkd_grad_accum * c.seq_len,
+}
 
 
 def parent_model(cfg: RunConfig) -> PuzzleForCausalLM:
@@ -80,10 +88,14 @@ def make_steps(cfg: RunConfig, model: PuzzleForCausalLM) -> dict:
             "gkd": gkd.probe_step(frozen, s_gkd, Dist("cpu"))}
 
 
-def timed(step, bf16: bool) -> float:
-    t = time.perf_counter()
+def timed(step, bf16: bool, cpu: list | None = None) -> float:
+    """Wall seconds of one call; its process CPU seconds are appended to ``cpu`` when given."""
+    c, t = time.process_time(), time.perf_counter()
     step(bf16)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
+    return wall
 
 
 @contextlib.contextmanager
@@ -101,27 +113,32 @@ def neighbour(on: bool):
         proc.wait()
 
 
-def table1(steps: dict, threads: list[int], repeats: int, budget: float) -> dict:
-    """{(step, threads, bf16): median seconds}, each step's four cells interleaved."""
-    out = {}
+def table1(steps: dict, threads: list[int], repeats: int, budget: float) -> tuple[dict, dict]:
+    """({(step, threads, bf16): median wall seconds}, {(step, bf16): median CPU seconds with one
+    thread}), each step's four cells interleaved. One thread's CPU time does not grow when other
+    processes take the cores, so it compares fp32 and bf16 fairly on a busy machine."""
+    out, cpu_out = {}, {}
     for name, step in steps.items():
         cells = [(n, bf16) for n in threads for bf16 in (False, True)]
         for n, bf16 in cells:  # warm-up: oneDNN builds its kernels on the first call per shape
             torch.set_num_threads(n)
             step(bf16)
         samples: dict = {c: [] for c in cells}
+        cpu: dict = {False: [], True: []}
         t0 = time.perf_counter()
         for r in range(repeats):
             for n, bf16 in (cells if r % 2 == 0 else cells[::-1]):
                 torch.set_num_threads(n)
-                samples[(n, bf16)].append(timed(step, bf16))
+                samples[(n, bf16)].append(timed(step, bf16, cpu[bf16] if n == 1 else None))
             if time.perf_counter() - t0 > budget:
                 break
         for c, v in samples.items():
             out[(name, *c)] = statistics.median(v)
+        for bf16, v in cpu.items():
+            cpu_out[(name, bf16)] = statistics.median(v)
         print(f"  measured {name} ({len(samples[cells[0]])} rounds, "
               f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    return out
+    return out, cpu_out
 
 
 def table2(step, threads: list[int], bf16: bool, repeats: int) -> dict:
@@ -168,9 +185,17 @@ def main() -> None:
     if bad:
         ap.error(f"unknown step(s) {bad}; choose from {STEPS}")
     steps = {k: v for k, v in make_steps(cfg, parent_model(cfg)).items() if k in names}
-    t1 = table1(steps, threads, a.repeats, a.budget)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t1, cpu1 = table1(steps, threads, a.repeats, a.budget)
 
-    print("\n## Table 1: ms per step (median), fp32 vs bf16 autocast, 1 vs N threads, alone\n")
+    def seconds(name: str, n: int, bf16: bool) -> float:
+        """What the probe would see: one thread's CPU time (load-proof) for 1 thread, else wall."""
+        return cpu1[(name, bf16)] if n == 1 else t1[(name, n, bf16)]
+    print(f"# 1-minute load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after table 1 "
+          f"(more than {n_cpu} = other processes competed for the cores)")
+
+    print("\n## Table 1: ms per step (median wall time), fp32 vs bf16 autocast, 1 vs N threads "
+          "(no neighbour of ours; see the load average)\n")
     hdr = "| step | " + " | ".join(f"fp32 {n}t | bf16 {n}t" for n in threads) + \
           " | bf16/fp32 " + " | bf16/fp32 ".join(f"{n}t" for n in threads) + \
           (f" | fp32 {many}t/1t | bf16 {many}t/1t |" if many > 1 else " |")
@@ -183,9 +208,15 @@ def main() -> None:
         if many > 1:
             cells += [f"{ms[(many, b)] / ms[(1, b)]:.2f}" for b in (False, True)]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n1 thread, CPU time of this process (unaffected by other processes' load):\n")
+    print("| step | fp32 ms | bf16 ms | bf16/fp32 | fp32 tokens/s |")
+    print("|---|---|---|---|---|")
+    for name in steps:
+        f, b = cpu1[(name, False)], cpu1[(name, True)]
+        print(f"| {name} | {f * 1e3:.0f} | {b * 1e3:.0f} | {b / f:.2f} | {TOKENS[name](cfg) / f:,.0f} |")
 
     if not a.no_neighbour and "parent" in steps:
-        fast = {b: t1[("parent", auto_n, b)] for b in (False, True)} if auto_n in threads else None
+        fast = {b: seconds("parent", auto_n, b) for b in (False, True)} if auto_n in threads else None
         bf16 = bool(fast and fast[True] <= precision.BF16_MARGIN * fast[False] and native)
         t2 = table2(steps["parent"], threads, bf16, a.repeats)
         prec = "bf16 autocast" if bf16 else "fp32"
@@ -208,7 +239,7 @@ def main() -> None:
         n = auto_n if auto_n in threads else threads[0]
         probe = None
         if native:
-            f, b = t1[(name, n, False)], t1[(name, n, True)]
+            f, b = seconds(name, n, False), seconds(name, n, True)
             probe = {"fp32_ms": round(f * 1e3, 2), "bf16_ms": round(b * 1e3, 2),
                      "bf16_over_fp32": round(b / f, 3), "threads": n, "repeats": a.repeats}
         c = precision.choose(name, field, "auto", "cpu", None, probe_result=probe)

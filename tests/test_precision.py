@@ -116,18 +116,25 @@ def test_explicit_true_without_native_bf16_probes_one_sequence(forced):
 
 def test_probe_times_both_ways_interleaved_after_warmup():
     calls = []
-    x = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(384, 384, requires_grad=True)  # ~ms per call: well above the clocks' resolution
 
     def step(bf16):
         calls.append(bf16)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             (x @ x).float().sum().backward()
 
-    p = precision.probe(step, "cpu", warmup=1, repeats=4, budget_s=60)
-    assert calls == [False, True] + [False, True, True, False] * 2
-    assert p["repeats"] == 4 and p["fp32_ms"] > 0 and p["bf16_ms"] > 0
-    assert p["bf16_over_fp32"] == pytest.approx(p["bf16_ms"] / p["fp32_ms"], rel=0.02)
-    assert p["threads"] == torch.get_num_threads()
+    old = torch.get_num_threads()
+    try:
+        for n, clock in ((1, "cpu"), (2, "wall")):  # one thread: CPU time, immune to others' load
+            torch.set_num_threads(n)
+            calls.clear()
+            p = precision.probe(step, "cpu", warmup=1, repeats=4, budget_s=60)
+            assert calls == [False, True] + [False, True, True, False] * 2
+            assert p["repeats"] == 4 and p["fp32_ms"] > 0 and p["bf16_ms"] > 0
+            assert p["bf16_over_fp32"] == pytest.approx(p["bf16_ms"] / p["fp32_ms"], rel=0.02)
+            assert (p["threads"], p["clock"]) == (n, clock)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_probe_stops_at_its_budget():
