@@ -381,6 +381,9 @@ def test_package_never_unpickles_evals_or_builds_shell_strings():
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "marshal", "shelve") for n in names):
                     problems.append(f"{path.name}:{node.lineno}: imports a pickle module")
+        # Names bound to a list display (possibly extended with +=) count as argv lists.
+        argv_names = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                      and isinstance(n.value, ast.List) for t in n.targets if isinstance(t, ast.Name)}
         for node, func, kw in _calls(tree):
             where = f"{path.name}:{node.lineno}: {func}"
             if func.endswith("torch.load") and kw.get("weights_only") != "True":
@@ -388,7 +391,8 @@ def test_package_never_unpickles_evals_or_builds_shell_strings():
             if func in ("eval", "exec", "os.system", "os.popen", "yaml.load", "yaml.unsafe_load"):
                 problems.append(where)
             if func.startswith("subprocess.") and (kw.get("shell") == "True" or (
-                    node.args and not isinstance(node.args[0], (ast.List, ast.Tuple)))):
+                    node.args and not isinstance(node.args[0], (ast.List, ast.Tuple))
+                    and not (isinstance(node.args[0], ast.Name) and node.args[0].id in argv_names))):
                 problems.append(f"{where} with a shell or a string command")
             if kw.get("trust_remote_code") == "True" and path.name != "evaluation.py":
                 problems.append(f"{where} turns trust_remote_code on")
