@@ -84,8 +84,8 @@ def nmse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def probe_step(parent, s: BLDSettings, device: torch.device,
                rows: int | None = None) -> Callable[[bool], None]:
     """One BLD training step's compute at the stage's shapes (forward of an fp32 copy of the
-    parent's layer 0, attention and FFN, on a [batch, seq_len, hidden] input, ``rows`` sequences
-    instead of ``bld_batch_size`` when given; normalized-MSE loss; backward; no update): what
+    parent's layer 0, attention and FFN, on a [batch, seq_len, hidden] input, at most ``rows`` of
+    the ``bld_batch_size`` sequences when given; normalized-MSE loss; backward; no update): what
     ``precision.probe`` times with and without bf16 autocast."""
     import copy
 
@@ -93,7 +93,7 @@ def probe_step(parent, s: BLDSettings, device: torch.device,
     for p in layer.parameters():
         p.requires_grad_(True)
     g = torch.Generator().manual_seed(0)  # the global RNG stays untouched
-    shape = (rows or s.batch_size, s.seq_len, parent.config.hidden_size)
+    shape = (min(rows or s.batch_size, s.batch_size), s.seq_len, parent.config.hidden_size)
     x, target = (torch.randn(shape, generator=g).to(device) for _ in range(2))
     cos, sin, _, _ = parent.model.attention_inputs(
         torch.zeros(1, s.seq_len, shape[-1], dtype=next(parent.parameters()).dtype, device=device))

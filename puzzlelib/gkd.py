@@ -157,7 +157,7 @@ def evaluate(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, held: np.ndarr
 
 
 def probe_step(parent: PuzzleForCausalLM, s: GKDSettings, dd: Dist, rows: int | None = None):
-    """One GKD micro-step's compute at the stage's shapes (``rows`` sequences instead of the
+    """One GKD micro-step's compute at the stage's shapes (at most ``rows`` sequences of the
     micro-batch when given): the frozen parent's forward and a trainable copy's (the largest child
     a search can pick is the parent itself), the GKD loss and its backward, no update.
     ``precision.probe`` times it with and without bf16 autocast."""
@@ -166,7 +166,8 @@ def probe_step(parent: PuzzleForCausalLM, s: GKDSettings, dd: Dist, rows: int | 
     child = copy.deepcopy(parent).float().train()
     for p in child.parameters():
         p.requires_grad_(True)
-    micro = rows or max(1, s.batch_size // (s.grad_accum * dd.world))
+    micro = max(1, s.batch_size // (s.grad_accum * dd.world))
+    micro = min(rows or micro, micro)
     g = torch.Generator().manual_seed(0)  # the global RNG stays untouched
     x, y = (torch.randint(0, parent.config.vocab_size, (micro, s.seq_len), generator=g).to(dd.device)
             for _ in range(2))

@@ -210,13 +210,13 @@ def load_train_state(state_dir: Path, model, opt, key: str):
 
 def probe_step(model: PuzzleForCausalLM, cfg: RunConfig, rows: int | None = None):
     """One parent training step's compute (forward + loss + backward, no optimizer update) on a
-    copy of ``model`` at the stage's batch shape (``rows`` sequences instead of
-    ``parent_batch_size`` when given): what ``precision.probe`` times both ways."""
+    copy of ``model`` at the stage's batch shape (at most ``rows`` of its ``parent_batch_size``
+    sequences when given): what ``precision.probe`` times both ways."""
     import copy
 
     m = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(0)  # the global RNG stays untouched: training is unchanged
-    shape = (rows or cfg.parent_batch_size, cfg.seq_len)
+    shape = (min(rows or cfg.parent_batch_size, cfg.parent_batch_size), cfg.seq_len)
     x = torch.randint(0, m.config.vocab_size, shape, generator=g)
     y = torch.randint(0, m.config.vocab_size, shape, generator=g)
 

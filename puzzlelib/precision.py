@@ -6,8 +6,9 @@ What it does:
   honours ``ONEDNN_MAX_CPU_ISA``), else the CPU flags ``avx512_bf16`` / ``amx_bf16``; on CUDA
   ``torch.cuda.is_bf16_supported()``. ``PUZZLELIB_FORCE_BF16_NATIVE=0/1`` overrides the answer
   (tests use it to cover both branches on any machine).
-* ``probe(step)`` times a stage's real training step (its model shape and batch, forward +
-  backward) in fp32 and under bf16 autocast, interleaved after a warm-up: a few seconds.
+* ``probe(step)`` times a stage's real training step (its model, sequence length and width, on
+  ``PROBE_ROWS`` sequences of its batch; forward + backward) in fp32 and under bf16 autocast,
+  interleaved after a warm-up: 1-9 s for the default preset's stages on a busy 2-core machine.
 * ``choose`` turns a ``*_autocast_bf16`` setting into a decision with its reason:
   ``False`` -> fp32 (no probe); ``True`` -> bf16 (on a device without native bf16 the probe runs
   and a ``RuntimeWarning`` gives the measured slowdown: 20-25x on a CPU without it);
@@ -54,6 +55,12 @@ ENV_FORCE_NATIVE = "PUZZLELIB_FORCE_BF16_NATIVE"
 # rounding bf16 adds when it does not buy a clear speed-up.
 BF16_MARGIN = 0.8
 MAX_AUTO_THREADS = 8
+# Sequences of the stage's batch the probe's step runs on (the model, sequence length and width
+# are the stage's own). The bf16/fp32 ratio does not depend on it at these sizes: at the default
+# preset's shapes, one core's CPU time gave 1.70 / 1.69 / 1.58 (parent step on 2 / 4 / 16
+# sequences), 1.65 / 1.58 / 1.58 (GKD) and 1.74 / 1.70 / 1.73 (BLD, 8 = its batch), while the
+# whole-batch probe took 21 s (parent) and 27 s (GKD) on a busy 2-core machine, 4 sequences 7-9 s.
+PROBE_ROWS = 4
 PRECISION_FILE = "precision.json"
 
 
@@ -175,10 +182,10 @@ def choose(stage: str, field: str, setting: Any, device: torch.device | str,
            probe_result: dict | None = None) -> PrecisionChoice:
     """The precision for a ``*_autocast_bf16`` setting (see the module docstring).
 
-    ``make_step(rows)`` builds the stage's probe step (called only when a probe runs; ``rows``
-    None = the stage's batch, 1 = one sequence: the warning's probe, kept short because an emulated
-    bf16 step of a whole batch can take half a minute); ``native`` and ``probe_result`` replace
-    the capability check and the probe (tests)."""
+    ``make_step(rows)`` builds the stage's probe step on at most ``rows`` sequences of the stage's
+    batch (called only when a probe runs): ``PROBE_ROWS`` for the ``auto`` decision, 1 for the
+    warning's probe (an emulated bf16 step of a whole batch can take two minutes); ``native`` and
+    ``probe_result`` replace the capability check and the probe (tests)."""
     device = torch.device(device)
     if native is None:
         native, how = bf16_native(device)
@@ -187,13 +194,14 @@ def choose(stage: str, field: str, setting: Any, device: torch.device | str,
     base = dict(stage=stage, field=field, setting=setting, native_bf16=native, capability=how,
                 device=device.type)
 
-    def measure(rows: int | None = None) -> dict:
+    def measure(rows: int = PROBE_ROWS) -> dict:
         if probe_result is not None:
             return dict(probe_result)
         if make_step is None:
             raise ValueError(f"{field}={setting!r} needs a probe step to measure")
-        p = probe(make_step(rows), device, warmup=int(rows is None), repeats=3 if rows is None else 1)
-        return {**p, "rows": rows}  # None: the stage's own batch
+        warn_only = rows == 1
+        p = probe(make_step(rows), device, warmup=0 if warn_only else 1, repeats=1 if warn_only else 3)
+        return {**p, "rows": rows}
 
     if setting is False:
         return PrecisionChoice(bf16=False, reason=f"{field}=false", **base)

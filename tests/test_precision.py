@@ -114,6 +114,19 @@ def test_explicit_true_without_native_bf16_probes_one_sequence(forced):
     assert rows_seen == [1] and sorted(calls) == [False, True] and c.probe["rows"] == 1
 
 
+def test_auto_with_native_bf16_probes_a_few_sequences_of_the_stage(forced):
+    forced(True)
+    rows_seen = []
+
+    def make_step(rows=None):
+        rows_seen.append(rows)
+        return lambda bf16: None
+
+    c = precision.choose("00_parent", FIELD, "auto", "cpu", make_step)
+    assert rows_seen == [precision.PROBE_ROWS] and c.probe["rows"] == precision.PROBE_ROWS
+    assert c.probe["repeats"] >= 1 and "probe:" in c.reason
+
+
 def test_probe_times_both_ways_interleaved_after_warmup():
     calls = []
     x = torch.randn(384, 384, requires_grad=True)  # ~ms per call: well above the clocks' resolution
