@@ -2,15 +2,17 @@
 
 For each instance and each solver (gurobipy where its pip licence admits the size, HiGHS), side by
 side in one run: one best child over all batch sizes and k diverse solutions (each differing from
-all earlier ones in >= 20 % of layers), at the stage's gap (1e-6), with the batch-size cutoff on
-(the default: the winning batch is solved first and its objective closes the others at their bound)
-and off (every batch solved to the end, as before). Prints each solution's objective for both
-solvers and whether they agree, how many solves were proven to the gap, and the timings. Costs are
+all earlier ones in >= 20 % of layers), at the stage's gap (1e-6), with the diversity cuts in each
+formulation of ``mip.formulate`` (``--diversity layers,pairs``: one "same layer" variable per cut
+and layer, as before; one per distinct earlier (layer, pair), shared by the cuts, plus the bounds
+that a layer holds one pair) and, optionally, the batch-size cutoff off (``--cutoff on,off``).
+Prints each solution's objective for every run and whether they agree, how many solves were proven
+to the gap, and the timings. ``--instances large`` is 126 layers x (10 x 10) variants. Costs are
 in real units (bytes ~1e9, parameters ~1e9): every row reaches the solvers scaled (mip.formulate).
 Synthetic costs follow a Llama-70B layer: attention time ~ Q/O + K/V projections + KV reads, FFN
 time ~ width; scores grow with how much a variant removes, more in the first and last layers.
 
-    python benchmarks/bench_search.py [--layers 80 --solutions 10 --instances default,mid,nemotron]
+    python benchmarks/bench_search.py [--layers 80 --solutions 10 --instances default,mid,nemotron,large]
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ ATTN = {"attn:kv8": 8, "attn:kv4": 4, "attn:kv2": 2, "attn:kv1": 1, "attn:linear
 FFN = {"ffn:1.00": 1.0, "ffn:0.875": 0.875, "ffn:0.75": 0.75, "ffn:0.50": 0.5, "ffn:0.25": 0.25,
        "ffn:0.20": 0.2, "ffn:0.10": 0.1, "ffn:linear": -1, "ffn:noop": 0}
 BATCHES = {1: (1024, 1024), 16: (1024, 1024), 64: (1024, 1024)}
+# 126 layers x 100 variants (the issue's large case): 10 attention x 10 FFN variants per layer.
+ATTN10 = {"attn:kv8": 8, "attn:kv7": 7, "attn:kv6": 6, "attn:kv5": 5, "attn:kv4": 4, "attn:kv3": 3, "attn:kv2": 2,
+          "attn:kv1": 1, "attn:linear": -1, "attn:noop": 0}
+FFN10 = {"ffn:1.00": 1.0, "ffn:0.875": 0.875, "ffn:0.75": 0.75, "ffn:0.625": 0.625, "ffn:0.50": 0.5,
+         "ffn:0.375": 0.375, "ffn:0.25": 0.25, "ffn:0.10": 0.1, "ffn:linear": -1, "ffn:noop": 0}
 
 
 def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) -> Problem:
@@ -60,19 +67,20 @@ def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) ->
     return Problem(out, fixed, BATCHES, [(next(iter(attn)), next(iter(ffn)))] * layers)
 
 
-def run(p, budget, solver: str, k: int, cutoff: bool, time_limit: float, gap: float) -> dict:
+def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit: float, gap: float) -> dict:
     """One best child and k diverse solutions with one solver; timings and objectives."""
     s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
-    s.use_cutoff = cutoff
+    s.use_cutoff, s.diversity = cutoff, diversity
     t = time.perf_counter()
     best = s.best()
     t_best = time.perf_counter() - t
     s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
-    s.use_cutoff = cutoff
+    s.use_cutoff, s.diversity = cutoff, diversity
     t = time.perf_counter()
     sols, _ = s.diverse(k, 0.2, progress=False)
     return {"best": t_best, "best_score": best.predicted["score"], "diverse": time.perf_counter() - t,
             "scores": [x.predicted["score"] for x in sols], "proven": sum(x.solver["proven"] for x in sols),
+            "slowest": max(sum(e["seconds"] for e in s.log if e["purpose"] == f"solution {n}") for n in range(1, len(sols) + 1)),
             "solvers": sorted({x["solver"].split()[0] for x in s.log}),
             "largest": (max(x["variables"] for x in s.log), max(x["constraints"] for x in s.log))}
 
@@ -86,41 +94,48 @@ def main() -> None:
     ap.add_argument("--memory-gib", type=float, default=80.0)
     ap.add_argument("--gap", type=float, default=1e-6)
     ap.add_argument("--time-limit", type=float, default=300.0)
+    ap.add_argument("--solvers", default="gurobi,highs")
+    ap.add_argument("--diversity", default="layers,pairs", help="formulations of the diversity cuts to compare")
+    ap.add_argument("--cutoff", default="on", help="on, off or on,off: the batch-size cutoff")
     args = ap.parse_args()
     small = {k: v for k, v in ATTN.items() if k != "attn:kv8"}  # the default parent has 4 KV heads
     instances = {"default": ("default preset size (8 layers, 5 x 9)", 8, small),
                  "mid": ("40 layers, 6 x 9 (inside gurobipy's pip licence)", 40, ATTN),
-                 "nemotron": (f"Nemotron-51B scale ({args.layers} layers, 6 x 9)", args.layers, ATTN)}
-    print(f"machine: {os.cpu_count()} CPU cores; gap {args.gap:g}; {args.solutions} diverse solutions, each "
-          f"differing in >= 20 % of layers; cross-check off (timings are one solver's)")
+                 "nemotron": (f"Nemotron-51B scale ({args.layers} layers, 6 x 9)", args.layers, ATTN),
+                 "large": ("126 layers, 10 x 10", 126, ATTN10)}
+    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start; gap "
+          f"{args.gap:g}; {args.solutions} diverse solutions, each differing in >= 20 % of layers; cross-check off "
+          f"(timings are one solver's); per-solve time limit {args.time_limit:g} s")
     for key in args.instances.split(","):
         label, layers, attn = instances[key]
-        p = synthetic(layers, attn)
+        p = synthetic(layers, attn, FFN10 if key == "large" else FFN)
         budget = Budget(min_speedup=args.speedup, max_memory_bytes=args.memory_gib * 2**30)
         print(f"\n== {label}: {len(p.columns)} option binaries, batches {p.batch_sizes}, "
               f"speed-up >= {args.speedup}x, memory <= {args.memory_gib} GiB")
         out = {}
-        for solver in ("gurobi", "highs"):
-            for cutoff in (False, True):
-                tag = f"{solver:6s} cutoff {'on ' if cutoff else 'off'}"
-                try:
-                    r = out[(solver, cutoff)] = run(p, budget, solver, args.solutions, cutoff, args.time_limit, args.gap)
-                except Exception as e:  # noqa: BLE001 — report (licence refusal) and go on
-                    print(f"{tag}: failed: {str(e)[:160]}")
-                    continue
-                print(f"{tag}: best {r['best']:.2f} s; {len(r['scores'])} diverse {r['diverse']:.2f} s, "
-                      f"{r['proven']} proven to the gap; used {r['solvers']}; largest model {r['largest'][0]} "
-                      f"variables x {r['largest'][1]} constraints")
+        for solver in args.solvers.split(","):
+            for cutoff in [c == "on" for c in args.cutoff.split(",")]:
+                for div in args.diversity.split(","):
+                    tag = f"{solver}/{div}/cutoff {'on' if cutoff else 'off'}"
+                    try:
+                        r = out[tag] = run(p, budget, solver, args.solutions, cutoff, div, args.time_limit, args.gap)
+                    except Exception as e:  # noqa: BLE001 — report (licence refusal) and go on
+                        print(f"{tag:26s}: failed: {str(e)[:160]}")
+                        continue
+                    print(f"{tag:26s}: best {r['best']:6.2f} s; {len(r['scores'])} diverse {r['diverse']:7.2f} s "
+                          f"(slowest solution {r['slowest']:.2f} s), {r['proven']} proven to the gap; used "
+                          f"{r['solvers']}; largest model {r['largest'][0]} variables x {r['largest'][1]} constraints",
+                          flush=True)
         runs = list(out.items())
-        for (sa, ca), ra in runs:
-            for (sb, cb), rb in runs:
-                if (sa, ca) < (sb, cb):
-                    agree = [abs(x - y) <= args.gap * abs(x) + 1e-9 for x, y in zip(ra["scores"], rb["scores"])]
-                    print(f"  {sa}/{'on' if ca else 'off'} vs {sb}/{'on' if cb else 'off'}: best "
-                          f"{ra['best_score']:.9f} vs {rb['best_score']:.9f}; diverse objectives agree on "
-                          f"{sum(agree)} of {len(agree)}" + ("" if all(agree) else
-                          f" (first differing: {agree.index(False) + 1}: {ra['scores'][agree.index(False)]:.6f} vs "
-                          f"{rb['scores'][agree.index(False)]:.6f})"))
+        for i, (ta, ra) in enumerate(runs):
+            for tb, rb in runs[i + 1:]:
+                agree = [abs(x - y) <= args.gap * max(abs(x), abs(y)) + 1e-9 for x, y in zip(ra["scores"], rb["scores"])]
+                agree += [False] * abs(len(ra["scores"]) - len(rb["scores"]))
+                first = agree.index(False) if not all(agree) else None
+                print(f"  {ta} vs {tb}: best {ra['best_score']:.9f} vs {rb['best_score']:.9f}; diverse objectives "
+                      f"agree to the gap on {sum(agree)} of {len(agree)}" + ("" if first is None else
+                      f" (first differing: solution {first + 1}: {ra['scores'][first:first + 1]} vs "
+                      f"{rb['scores'][first:first + 1]})"))
 
 
 if __name__ == "__main__":

@@ -406,14 +406,36 @@ class MIP:
         return (objective_value - self.const) * self.obj_scale
 
 
+def _same_pairs(cuts: Sequence[Sequence], L: int) -> dict[tuple[int, str, str], int]:
+    """Each distinct (layer, attention, FFN) of the earlier children, numbered in first-seen order."""
+    out: dict[tuple[int, str, str], int] = {}
+    for prev in cuts:
+        for i in range(L):
+            out.setdefault((i, prev[i][0], prev[i][1]), len(out))
+    return out
+
+
 def formulate(problem: Problem, rows: Sequence[Row], batch: int, objective: np.ndarray | None = None,
-              cuts: Sequence[Sequence] = (), min_differ: int = 0) -> MIP:
+              cuts: Sequence[Sequence] = (), min_differ: int = 0, diversity: str = "pairs") -> MIP:
     """The MIP at ``batch``: one-hot slots, ``rows`` (from :func:`constraint_rows`, each scaled by
     a power of two to a largest |coefficient| of ~1, its bounds alike) and one diversity cut per
-    earlier child in ``cuts`` (it must differ in ≥ ``min_differ`` layers)."""
+    earlier child in ``cuts`` (it must differ in ≥ ``min_differ`` layers).
+
+    A layer is "the same" as an earlier child's when both its attention and its FFN are. The cut
+    for child y is ``Σ_i same_i(y) ≤ L − min_differ`` with ``same ≥ [attn = y's] + [ffn = y's] − 1``
+    (the tightest linear bound for one pair). ``diversity="pairs"`` (the default) keeps ONE
+    ``same`` variable per distinct (layer, pair) among the earlier children — children share most
+    layers, so this is ~L + D·k columns instead of L·k — and adds, where several earlier pairs
+    share a half, ``Σ_{f∈F} same(a, f) ≥ [attn = a] + [ffn ∈ F] − 1`` (and the mirror image): a
+    layer can hold at most one pair, which the per-pair bounds alone do not tell the LP.
+    ``"layers"``: one ``same`` per (cut, layer), no shared bounds (the earlier formulation; kept
+    for ``benchmarks/bench_search.py``). Both have exactly the same integer solutions."""
+    if diversity not in ("pairs", "layers"):
+        raise SearchError(f"unknown diversity formulation {diversity!r}: use 'pairs' or 'layers'")
     cols, L = problem.columns, problem.num_layers
     n = len(cols)
-    m_cols = n + L * len(cuts)
+    pairs = _same_pairs(cuts, L) if diversity == "pairs" else {}
+    m_cols = n + (len(pairs) if diversity == "pairs" else L * len(cuts))
     layer = np.array([i for i, _ in cols], dtype=np.int64)
     kind = np.array([o.kind for _, o in cols])
     blocks, lo, hi, scale = [], [], [], []
@@ -432,9 +454,45 @@ def formulate(problem: Problem, rows: Sequence[Row], batch: int, objective: np.n
         lo.append((r.lo - const) * s)
         hi.append((r.hi - const) * s)
         scale.append(s)
-    if cuts:
-        half_a = np.array([o.halves[0] or "" for _, o in cols], dtype=object)
-        half_f = np.array([o.halves[1] or "" for _, o in cols], dtype=object)
+    half_a = [o.halves[0] for _, o in cols]
+    half_f = [o.halves[1] for _, o in cols]
+    if cuts and diversity == "pairs":
+        by_layer: list[list[int]] = [[] for _ in range(L)]
+        for j, (i, _) in enumerate(cols):
+            by_layer[i].append(j)
+        groups: list[tuple[int, set, set, list[int]]] = []  # (layer, attns, ffns, same columns)
+        per_layer: dict[int, list[tuple[str, str]]] = {}
+        for (i, a, f), k in pairs.items():
+            groups.append((i, {a}, {f}, [n + k]))
+            per_layer.setdefault(i, []).append((a, f))
+        for i, held in per_layer.items():
+            for a in dict.fromkeys(a for a, _ in held):
+                fs = [f for aa, f in held if aa == a]
+                if len(fs) > 1:
+                    groups.append((i, {a}, set(fs), [n + pairs[(i, a, f)] for f in fs]))
+            for f in dict.fromkeys(f for _, f in held):
+                as_ = [a for a, ff in held if ff == f]
+                if len(as_) > 1:
+                    groups.append((i, set(as_), {f}, [n + pairs[(i, a, f)] for a in as_]))
+        R, C, V = [], [], []
+        for r, (i, As, Fs, same) in enumerate(groups):  # Σ same ≥ [attn ∈ As] + [ffn ∈ Fs] − 1
+            for j in by_layer[i]:
+                v = (half_a[j] in As) + (half_f[j] in Fs)
+                if v:
+                    R.append(r), C.append(j), V.append(-float(v))
+            for k in same:
+                R.append(r), C.append(k), V.append(1.0)
+        for ci, prev in enumerate(cuts):  # Σ_i same_i(prev) ≤ L − min_differ
+            r = len(groups) + ci
+            for i in range(L):
+                R.append(r), C.append(n + pairs[(i, prev[i][0], prev[i][1])]), V.append(1.0)
+        blocks.append(sp.csr_matrix((V, (R, C)), shape=(len(groups) + len(cuts), m_cols)))
+        lo += [-1.0] * len(groups) + [-math.inf] * len(cuts)
+        hi += [math.inf] * len(groups) + [float(L - min_differ)] * len(cuts)
+        scale += [1.0] * (len(groups) + len(cuts))
+    elif cuts:
+        half_a = np.array([h or "" for h in half_a], dtype=object)
+        half_f = np.array([h or "" for h in half_f], dtype=object)
         for ci, prev in enumerate(cuts):  # same_i >= [attn matches] + [ffn matches] - 1
             ta = np.array([c[0] for c in prev], dtype=object)[layer]
             tf = np.array([c[1] for c in prev], dtype=object)[layer]
@@ -691,13 +749,13 @@ def _available(solver: str, mip: MIP) -> str | None:
 def solve_checked(problem: Problem, rows: Sequence[Row], batch: int, objective: np.ndarray | None = None,
                   cuts: Sequence[Sequence] = (), min_differ: int = 0, solver: str = "auto",
                   time_limit: float = 60.0, gap: float = DEFAULT_GAP, threads: int = 0,
-                  cutoff: float | None = None, cross_check: bool = True) -> Checked:
+                  cutoff: float | None = None, cross_check: bool = True, diversity: str = "pairs") -> Checked:
     """Formulate, solve, re-check the child in float64 and (``cross_check``) solve again with the
     other solver; return the verified child. An answer that breaks a constraint or that the other
     solver beats by more than the gap (``gap × |objective|`` + the absolute gap) is replaced by the
     other solver's verified child, with the reason in ``check["note"]``; :class:`SearchError` when
     neither solver yields a verified child but one claimed to."""
-    mip = formulate(problem, rows, batch, objective, cuts, min_differ)
+    mip = formulate(problem, rows, batch, objective, cuts, min_differ, diversity)
     args = (problem, mip, rows, batch, objective, cuts, min_differ)
     r1, c1, v1, bad1 = _attempt(*args, solver, time_limit, gap, threads, cutoff)
     if r1 is None:  # the requested solver cannot run at all (search_solver='gurobi' without it)

@@ -175,11 +175,12 @@ class Searcher:
         self.log: list[dict] = []
         self._last_batch: int | None = None  # the batch that won the last search: solved first next time
         self.use_cutoff = True  # False: solve every batch size to the end (benchmarks/bench_search.py compares)
+        self.diversity = "pairs"  # or "layers": the diversity cuts' formulation (mip.formulate; the bench compares)
 
     def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
         """One checked solve (``mip.solve_checked``), logged."""
         res = solve_checked(self.problem, rows, batch, objective, cuts, min_differ, self.solver, self.time_limit,
-                            self.gap, self.threads, cutoff, self.cross_check)
+                            self.gap, self.threads, cutoff, self.cross_check, self.diversity)
         s = res.solved
         cross = res.check.get("cross_check", {})
         self.log.append({"purpose": purpose, "batch": batch, "solver": s.solver, "status": s.status,

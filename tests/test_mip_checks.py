@@ -358,3 +358,42 @@ def test_unproven_solves_are_reported(monkeypatch):
     spec = s.best()
     assert spec.solver["proven"] is False and "not proven optimal" in spec.notes[0]
     assert math.isfinite(spec.predicted["score"])
+
+
+@pytest.mark.parametrize("seed,joint,need", [(0, False, 1), (1, False, 2), (2, True, 1), (3, True, 2), (4, False, 3)])
+def test_diversity_formulations_equal_brute_force(seed, joint, need):
+    # Earlier children that share a half at a layer, so the "pairs" formulation's shared-half
+    # bounds are in play; joint libraries put pair options (both halves in one column) in the cuts.
+    attn = dict(list(ATTN.items())[1:4])
+    ffn = dict(list(FFN.items())[:3] + [("ffn:noop", 0)])
+    p = llama70b_like(L=3, seed=seed, joint=joint, attn=attn, ffn=ffn)
+    rng = np.random.default_rng(seed)
+    s = Searcher(p, Budget(min_speedup=float(rng.uniform(1.0, 1.4))), solver="highs", gap=0.0, cross_check=False)
+    children = [[c for c, _ in picks] for picks in itertools.product(*(combos(p, i) for i in range(p.num_layers)))]
+    first = children[rng.integers(len(children))]
+    same_attn = [c for c in children if c[0][0] == first[0][0] and c[0][1] != first[0][1]]
+    same_ffn = [c for c in children if c[0][1] == first[0][1] and c[0][0] != first[0][0]]
+    cuts = [first, same_attn[rng.integers(len(same_attn))], same_ffn[rng.integers(len(same_ffn))]]
+    sizes = {}
+    for b in s.batches:
+        rows = mip.constraint_rows(p, s.budget, b, s.ref_tps)
+        oracle = brute_force(p, {b: rows}, cuts, need)
+        for form in ("layers", "pairs"):
+            sizes[form] = mip.formulate(p, rows, b, None, cuts, need, form).A.shape
+            for solver in _solvers():
+                res = mip.solve_checked(p, rows, b, cuts=cuts, min_differ=need, solver=solver, gap=0.0,
+                                        cross_check=False, diversity=form)
+                if oracle is None:
+                    assert res.child is None and res.solved.status == "infeasible", (form, solver, res.solved)
+                else:
+                    assert res.objective == pytest.approx(oracle, rel=1e-12, abs=1e-15), (form, solver)
+                    assert all(mip.differing_layers(res.child, c) >= need for c in cuts)
+    # one "same" column per distinct earlier (layer, pair) instead of one per (cut, layer)
+    distinct = {(i, c[i][0], c[i][1]) for c in cuts for i in range(p.num_layers)}
+    assert sizes["pairs"][1] == len(p.columns) + len(distinct) <= sizes["layers"][1] == len(p.columns) + 3 * len(cuts)
+
+
+def test_unknown_diversity_formulation_is_refused():
+    p = _small()
+    with pytest.raises(SearchError, match="'pairs' or 'layers'"):
+        mip.formulate(p, [], 1, None, [p.parent], 1, "pair")
