@@ -25,7 +25,8 @@ What it does (DESIGN.md §1.4):
   objective is the others' cutoff, so a batch that cannot beat it stops at its bound;
 * k diverse solutions (each differs from every earlier one in ≥ D layers: ``search_min_diff_layers``,
   or ``ceil(f·L)`` of ``search_min_diff_fraction`` with f·L rounded to 9 decimals first, so 0.28 of
-  25 layers is 7; by the cut ``Σ_i same_i ≤ L − D`` with ``same_i ≥ match_attn + match_ffn − 1``),
+  25 layers is 7; by the cut ``Σ_i same_i ≤ L − D`` with ``same_i ≥ match_attn + match_ffn − 1``,
+  one ``same`` per distinct earlier (layer, pair) shared by all cuts: ``mip.formulate``),
   a Pareto sweep over speed-up targets, and baselines at the same budget (``baselines.py``);
 * an infeasible budget raises :class:`InfeasibleBudget` naming the tightest value each constraint
   can reach given the others;
@@ -175,7 +176,7 @@ class Searcher:
         self.log: list[dict] = []
         self._last_batch: int | None = None  # the batch that won the last search: solved first next time
         self.use_cutoff = True  # False: solve every batch size to the end (benchmarks/bench_search.py compares)
-        self.diversity = "pairs"  # or "layers": the diversity cuts' formulation (mip.formulate; the bench compares)
+        self.diversity = "auto"  # the diversity cuts' formulation: auto | pairs | layers (mip.solve_checked)
 
     def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
         """One checked solve (``mip.solve_checked``), logged."""

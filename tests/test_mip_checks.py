@@ -397,3 +397,16 @@ def test_unknown_diversity_formulation_is_refused():
     p = _small()
     with pytest.raises(SearchError, match="'pairs' or 'layers'"):
         mip.formulate(p, [], 1, None, [p.parent], 1, "pair")
+
+
+def test_auto_diversity_gives_each_solver_its_formulation():
+    # two earlier children that differ in one layer: "layers" has 2 x L same-columns, "pairs" L + 1
+    p = _small()
+    other = [(p.parent[0][0], p.layers[0]["ffn"][1].name)] + list(p.parent[1:])
+    n, L = len(p.columns), p.num_layers
+    expect = {"highs": n + 2 * L, "gurobi": n + L + 1}
+    for solver in _solvers():
+        res = mip.solve_checked(p, [], 1, cuts=[p.parent, other], min_differ=1, solver=solver, gap=0.0,
+                                cross_check=False)
+        assert res.mip_size[0] == expect[solver], solver
+        assert min(mip.differing_layers(res.child, c) for c in (p.parent, other)) >= 1
