@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzlelib import bld, data
-from puzzlelib.blocks import ffn_channel_scores
-from puzzlelib.config import RunConfig
-from puzzlelib.library import Library
-from puzzlelib.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.bld import stage as bld
+
+from puzzlelib.core import data
+from puzzlelib.core.blocks import ffn_channel_scores
+from puzzlelib.core.config import RunConfig
+from puzzlelib.bld.library import Library
+from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
 
 
 def own_forward(parent, jobs, s: bld.BLDSettings, train, held, scores) -> tuple[float, dict]:

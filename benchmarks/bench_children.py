@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from puzzlelib.blocks import build_child
-from puzzlelib.model import PuzzleConfig, PuzzleForCausalLM, count_params
+from puzzlelib.core.blocks import build_child
+from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM, count_params
 
 
 def children(layers: int, kv: int) -> dict[str, list[tuple[str, str]]]:

@@ -39,12 +39,16 @@ import time
 
 import torch
 
-from puzzlelib import gkd, parent, precision
-from puzzlelib.bld_plan import BLDSettings
-from puzzlelib.bld_train import probe_step as bld_probe_step
-from puzzlelib.config import RunConfig
-from puzzlelib.distributed import Dist
-from puzzlelib.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.gkd import stage as gkd
+
+from puzzlelib.parent import stage as parent
+
+from puzzlelib.core import precision
+from puzzlelib.bld.plan import BLDSettings
+from puzzlelib.bld.train import probe_step as bld_probe_step
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.distributed import Dist
+from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
 
 STEPS = ("parent", "bld", "scoring", "gkd")
 FIELD = {"parent": "parent_autocast_bf16", "bld": "bld_autocast_bf16", "gkd": "gkd_autocast_bf16"}
@@ -247,7 +251,7 @@ def main() -> None:
 
 
 def precision_machine() -> str:
-    from puzzlelib.rundir import _cpu_model  # the string environment.json records
+    from puzzlelib.core.rundir import _cpu_model  # the string environment.json records
 
     return _cpu_model()
 

@@ -23,10 +23,10 @@ import warnings
 
 import torch
 
-from puzzlelib import scoring
-from puzzlelib.blocks import init_variant, list_library
-from puzzlelib.config import RunConfig
-from puzzlelib.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.scoring import stage as scoring
+from puzzlelib.core.blocks import init_variant, list_library
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
 
 
 def parent_for(cfg: RunConfig) -> PuzzleForCausalLM:

@@ -11,7 +11,7 @@ if __name__ == "__main__":
 
         sys.exit(student_main(sys.argv[2:]))
     if sys.argv[1:2] == ["fetch-parent"]:  # its own parser too (parent_source.py)
-        from .parent_source import main as fetch_parent_main
+        from .parent.source import main as fetch_parent_main
 
         sys.exit(fetch_parent_main(sys.argv[2:]))
     sys.exit(main())

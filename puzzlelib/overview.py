@@ -22,7 +22,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from .plots import _block_colour  # importing plots also picks the headless Agg backend
-from .rundir import STAGES
+from .core.rundir import STAGES
 
 # The paper's headline (DESIGN.md §1): Llama-3.1-70B -> Nemotron-51B on one H100.
 PAPER_SPEEDUP, PAPER_RETENTION = 2.17, 0.984

@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
-from .progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
-from .rundir import (NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text,
+from .core.config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
+from .core.progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
+from .core.rundir import (NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text,
                      try_lock)
-from .validation import RUN_NAME_PATTERN
+from .core.validation import RUN_NAME_PATTERN
 
 KERNEL_NAME = "python3"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -203,7 +203,7 @@ def _resolve(repo_root: Path, p: str) -> Path:
 def _is_hub_id(parent: str, repo_root: Path) -> bool:
     """'org/name' or 'name' that is not a local folder (a path starts with / . ~ or has 2+ '/'),
     a .gguf file or a named parent (parent_source.py: those work offline once fetched)."""
-    from .parent_source import NAMED_PARENTS  # no torch at import
+    from .parent.source import NAMED_PARENTS  # no torch at import
 
     if (parent == "embedded" or parent.startswith(("/", ".", "~")) or parent.count("/") > 1
             or parent.lower().endswith(".gguf") or parent in NAMED_PARENTS):
@@ -245,7 +245,7 @@ def _check_parent(cfg: RunConfig, repo_root: Path) -> None:
     weights) so a bad one fails before anything is written; a hub id is left to stage 00."""
     if cfg.parent == "embedded":
         return
-    from .parent_source import NAMED_PARENTS, ParentSourceError, check  # no torch at import
+    from .parent.source import NAMED_PARENTS, ParentSourceError, check  # no torch at import
 
     if cfg.parent.lower().endswith(".gguf") or cfg.parent in NAMED_PARENTS:
         # A GGUF file (header only) or a named real parent (cached? else: the command to run).
@@ -264,7 +264,7 @@ def _check_parent(cfg: RunConfig, repo_root: Path) -> None:
     if not path.exists():
         raise ConfigError(f"parent {cfg.parent!r}: no such directory ({path}); set parent to a "
                           "local Hugging Face model folder, a hub id or 'embedded'")
-    from .model import ParentError, check_parent_dir  # imports torch: only for local parents
+    from .core.model import ParentError, check_parent_dir  # imports torch: only for local parents
 
     try:
         check_parent_dir(path, cfg.seq_len)
@@ -822,7 +822,7 @@ def _command(args: argparse.Namespace) -> int:
 
         return student_main([])
     if args.command == "fetch-parent":
-        from .parent_source import main as fetch_parent_main
+        from .parent.source import main as fetch_parent_main
 
         return fetch_parent_main(args.rest)
     res = run_pipeline(args.preset, run_name=args.run_name, stages=args.stages,

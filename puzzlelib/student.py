@@ -32,7 +32,7 @@ from pathlib import Path
 
 import nbformat
 
-from .rundir import atomic_write_text
+from .core.rundir import atomic_write_text
 
 EXERCISE_TAG = "exercise"
 SOLUTION_TAG = "solution"

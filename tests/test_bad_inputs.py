@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from puzzlelib.rundir import STAGES
+from puzzlelib.core.rundir import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "badinput"  # never a run name anyone else uses under the repo's runs/ and reports/
@@ -415,7 +415,7 @@ def test_notebooks_validate_their_parameters_before_any_use():
 
 
 def test_trust_remote_code_is_off_by_default_and_warned_when_asked(tmp_path):
-    from puzzlelib.config import PRESETS, RunConfig
+    from puzzlelib.core.config import PRESETS, RunConfig
 
     assert RunConfig().trust_remote_code is False
     assert all(not p.get("trust_remote_code") for p in PRESETS.values())
@@ -429,7 +429,7 @@ def test_trust_remote_code_is_off_by_default_and_warned_when_asked(tmp_path):
 
 
 def test_load_parent_refuses_pickle_and_warns_on_remote_code(tmp_path):
-    from puzzlelib.model import ParentError, load_parent
+    from puzzlelib.core.model import ParentError, load_parent
 
     parent_pickle_only(tmp_path)
     with pytest.raises(ParentError, match="holds only pickle weights"):
@@ -445,7 +445,7 @@ def test_load_parent_refuses_pickle_and_warns_on_remote_code(tmp_path):
 def test_overrides_given_as_a_string_are_parsed_or_refused_with_the_types_accepted():
     """papermill's `-p overrides '...'` passes a string; so may a script. JSON or key=value pairs
     are read like a dict / --set; anything else says exactly which types are accepted."""
-    from puzzlelib.config import ConfigError, RunConfig
+    from puzzlelib.core.config import ConfigError, RunConfig
 
     as_dict = RunConfig.from_preset("smoke", {"seq_len": 32, "bld_kv_heads": "2,1"})
     for text in ('{"seq_len": 32, "bld_kv_heads": "2,1"}', "seq_len=32,bld_kv_heads=2,1",
@@ -487,8 +487,8 @@ def test_one_document_advice_names_real_fields_and_works_when_followed(tmp_path)
     max_bytes` (no such field). The advice now names what exists, and following it works."""
     import dataclasses
 
-    from puzzlelib.config import RunConfig
-    from puzzlelib.data import DataError, load_corpus
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.core.data import DataError, load_corpus
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     one = tmp_path / "one.txt"

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from puzzlelib import bld
-from puzzlelib.blocks import build_child
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.export import save_checkpoint
-from puzzlelib.library import Library, load_blocks
-from puzzlelib.model import PuzzleForCausalLM
-from puzzlelib.rundir import RunDir, StageNotReady, atomic_write_json
+from puzzlelib.bld import stage as bld
+from puzzlelib.core.blocks import build_child
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.core.export import save_checkpoint
+from puzzlelib.bld.library import Library, load_blocks
+from puzzlelib.core.model import PuzzleForCausalLM
+from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent

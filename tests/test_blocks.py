@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from puzzlelib.blocks import (Variant, VariantError, build_child, ffn_channel_scores, init_variant,
+from puzzlelib.core.blocks import (Variant, VariantError, build_child, ffn_channel_scores, init_variant,
                               list_library, parse_variant)
 from conftest import tiny_config
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from puzzlelib.config import (
+from puzzlelib.core.config import (
     PRESETS,
     STAGE_TAGS,
     ConfigError,
@@ -202,8 +202,8 @@ def test_relative_paths_resolve_against_the_project_folder_also_from_notebooks(t
     # JupyterLab starts a kernel in the notebook's own folder: runs must still land in <project>/runs.
     from pathlib import Path
 
-    from puzzlelib.config import RunConfig, project_root, resolve_path
-    from puzzlelib.rundir import RunDir
+    from puzzlelib.core.config import RunConfig, project_root, resolve_path
+    from puzzlelib.core.rundir import RunDir
 
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "student").mkdir()

@@ -1,4 +1,4 @@
-"""Fast tests for puzzlelib.data: corpora, split, tokenizer, token cache and batches (CPU, ~5 s)."""
+"""Fast tests for puzzlelib.core.data: corpora, split, tokenizer, token cache and batches (CPU, ~5 s)."""
 import json
 import sys
 import types
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from puzzlelib import data
-from puzzlelib.data import DataError
+from puzzlelib.core import data
+from puzzlelib.core.data import DataError
 
 SNIPPET = 'def f(x):\n\treturn {"a": x , \'héllo ☃\'}  # trailing  \r\n\n    pass\n'
 

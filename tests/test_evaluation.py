@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from puzzlelib import evaluation as E
-from puzzlelib import tasks as T
-from puzzlelib.config import RunConfig
-from puzzlelib.rundir import RunDir, StageNotReady
+from puzzlelib.evaluation import stage as E
+from puzzlelib.evaluation import tasks as T
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.rundir import RunDir, StageNotReady
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,7 +220,7 @@ def test_task_yamls_load_and_run_offline_on_a_tiny_model(tiny_parent, tiny_token
 # ------------------------------------------------------------------------------- throughput
 
 def test_cached_greedy_decoding_equals_generate_and_throughput_is_relative(tiny_parent):
-    from puzzlelib.blocks import build_child
+    from puzzlelib.core.blocks import build_child
 
     ids = torch.randint(3, 300, (2, 10))
     toks, times = E.greedy_generate(tiny_parent, ids, 6)
@@ -264,7 +264,12 @@ def tiny_cfg(root: Path, **kw) -> RunConfig:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Stages 00 → 05 for real on a tiny config (a few seconds), then stage 06."""
-    from puzzlelib import bld, gkd, parent, profiling, scoring, search
+    from puzzlelib.bld import stage as bld
+    from puzzlelib.gkd import stage as gkd
+    from puzzlelib.parent import stage as parent
+    from puzzlelib.profiling import stage as profiling
+    from puzzlelib.scoring import stage as scoring
+    from puzzlelib.search import stage as search
 
     root = tmp_path_factory.mktemp("eval")
     cfg = tiny_cfg(root)
@@ -300,7 +305,12 @@ def test_stage_writes_tasks_results_throughput_and_metrics(pipeline):
         assert set(m["measured"]) == {"b1", "b2", "best"} and set(m["uncertainty"]) == set(T.MC_TASKS)
     assert res.metrics["headline"]["model"] == mip[0]["name"]
     # The child "before GKD" is the very model stage 05 started from: same held-out KL to the parent.
-    from puzzlelib import bld, data, gkd, parent, profiling, search
+    from puzzlelib.bld import stage as bld
+    from puzzlelib.core import data
+    from puzzlelib.gkd import stage as gkd
+    from puzzlelib.parent import stage as parent
+    from puzzlelib.profiling import stage as profiling
+    from puzzlelib.search import stage as search
 
     pres = parent.load(cfg)
     pm = pres.load_model()
@@ -355,9 +365,9 @@ def test_update_readme_results(pipeline, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore")
 def test_exported_child_evaluates_through_the_lm_eval_command_line(pipeline, tmp_path):
-    from puzzlelib import gkd
+    from puzzlelib.gkd import stage as gkd
 
-    from puzzlelib import parent
+    from puzzlelib.parent import stage as parent
 
     cfg, res = pipeline
     child = gkd.load(cfg).child_dir(res.metrics["headline"]["model"])

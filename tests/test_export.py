@@ -13,10 +13,10 @@ import sysconfig
 import pytest
 import torch
 
-from puzzlelib.blocks import build_child
-from puzzlelib.export import (CheckpointError, load_checkpoint, nvidia_decilm_compatible, save_checkpoint,
+from puzzlelib.core.blocks import build_child
+from puzzlelib.core.export import (CheckpointError, load_checkpoint, nvidia_decilm_compatible, save_checkpoint,
                               vllm_compatible)
-from puzzlelib.model import PuzzleForCausalLM
+from puzzlelib.core.model import PuzzleForCausalLM
 from conftest import tiny_config
 
 MIXED = [("attn:noop", "ffn:0.50"), ("attn:linear", "ffn:linear"), ("attn:kv1", "ffn:noop"), ("attn:kv2", "ffn:0.25")]
@@ -197,7 +197,7 @@ def test_llama_with_attention_bias_round_trips_o_proj_bias(tmp_path):
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from puzzlelib.model import from_llama
+    from puzzlelib.core.model import from_llama
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -288,8 +288,8 @@ def test_lm_eval_hflm_runs_on_a_child(child, tiny_tokenizer, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*weight norms")
 def test_ffn_width_multiple_256_keeps_children_servable(tmp_path):
-    from puzzlelib.config import RunConfig
-    from puzzlelib.parent import ParentResult
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.parent.stage import ParentResult
 
     torch.manual_seed(0)
     parent = PuzzleForCausalLM(tiny_config(intermediate_size=1024)).eval()

@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from puzzlelib.blocks import build_child
-from puzzlelib.export import nvidia_decilm_compatible, save_checkpoint
-from puzzlelib.model import PuzzleForCausalLM
+from puzzlelib.core.blocks import build_child
+from puzzlelib.core.export import nvidia_decilm_compatible, save_checkpoint
+from puzzlelib.core.model import PuzzleForCausalLM
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,11 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from puzzlelib import parent, parent_source  # noqa: E402
-from puzzlelib.config import ConfigError, RunConfig  # noqa: E402
-from puzzlelib.parent_source import (NAMED_PARENTS, ParentSourceError, fetch,  # noqa: E402
+from puzzlelib.parent import stage as parent, source as parent_source  # noqa: E402
+from puzzlelib.core.config import ConfigError, RunConfig  # noqa: E402
+from puzzlelib.parent.source import (NAMED_PARENTS, ParentSourceError, fetch,  # noqa: E402
                                      gguf_problem, load_gguf_parent, resolve)
-from puzzlelib.rundir import file_sha256  # noqa: E402
+from puzzlelib.core.rundir import file_sha256  # noqa: E402
 
 VOCAB_MERGES = ["d e", "de f", "Ġ f"]
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from puzzlelib import data
-from puzzlelib.gkd import GKDError, distill, evaluate, gkd_loss
+from puzzlelib.core import data
+from puzzlelib.gkd.stage import GKDError, distill, evaluate, gkd_loss
 from gkd_worker import SETTINGS, make
 
 HERE = Path(__file__).parent
@@ -95,16 +95,16 @@ def test_bad_settings():
         replace(SETTINGS, batch_size=6, grad_accum=4).check()
     with pytest.raises(GKDError, match="loss weights are 0"):
         replace(SETTINGS, cos_weight=0.0, kl_weight=0.0).check()
-    from puzzlelib.config import ConfigError, RunConfig
+    from puzzlelib.core.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="gkd_tokens must be > 0"):
         RunConfig.from_preset("smoke", {"gkd_tokens": 0})
 
 
 def test_stage_without_parent_is_refused(tmp_path):
-    from puzzlelib import gkd
-    from puzzlelib.config import RunConfig
-    from puzzlelib.rundir import StageNotReady
+    from puzzlelib.gkd import stage as gkd
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.core.rundir import StageNotReady
 
     cfg = RunConfig.from_preset("smoke", {"runs_root": str(tmp_path)}, run_name="nothing")
     with pytest.raises(StageNotReady, match="00_parent"):
@@ -112,8 +112,8 @@ def test_stage_without_parent_is_refused(tmp_path):
 
 
 def test_child_not_in_library_is_refused(tmp_path, tiny_parent):
-    from puzzlelib.gkd import Dist, distill_children
-    from puzzlelib.library import Library
+    from puzzlelib.gkd.stage import Dist, distill_children
+    from puzzlelib.bld.library import Library
 
     lib = Library.create(tmp_path / "lib", tiny_parent, {"x": 1}, [(0, "attn:kv1")], {"attn": ["attn:kv1"]})
     with pytest.raises(GKDError, match="does not match the block library"):
@@ -126,8 +126,8 @@ def test_force_discards_finished_children_instead_of_keeping_them(smoke_run, tmp
     # A rerun keeps children finished under the same key (resume after a kill); force must not.
     import shutil
 
-    from puzzlelib import gkd
-    from puzzlelib.config import RunConfig
+    from puzzlelib.gkd import stage as gkd
+    from puzzlelib.core.config import RunConfig
 
     shutil.copytree(smoke_run.root, tmp_path, dirs_exist_ok=True)
     cfg = RunConfig.from_preset("smoke", {"runs_root": str(tmp_path / "runs"),

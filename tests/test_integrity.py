@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from puzzlelib import bld, limits
-from puzzlelib import profiling as P
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.library import Library, load_blocks
-from puzzlelib.rundir import RunDir, StageNotReady, atomic_write_json, file_sha256
+from puzzlelib.bld import stage as bld
+
+from puzzlelib.core import limits
+from puzzlelib.profiling import stage as P
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.bld.library import Library, load_blocks
+from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json, file_sha256
 from puzzlelib.runner import UsageError, _check_upstream
 from puzzlelib.runner import main as cli_main
 from test_bld import assert_same_library, library_state, make_config, make_parent_stage
@@ -134,7 +136,7 @@ def test_a_damaged_block_record_or_index_is_rebuilt_too(built, capsys):
 def table_dir(tmp_path_factory):
     """A real cost table of the tiny parent (1 scenario, 1 repeat) with its scenarios.json."""
     from conftest import tiny_config
-    from puzzlelib.model import PuzzleForCausalLM
+    from puzzlelib.core.model import PuzzleForCausalLM
 
     torch.manual_seed(0)
     model = PuzzleForCausalLM(tiny_config()).eval()

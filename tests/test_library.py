@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from puzzlelib.blocks import build_child, init_variant, parse_variant
-from puzzlelib.library import (Library, LibraryError, LibraryMismatch, build_child_from_library,
+from puzzlelib.core.blocks import build_child, init_variant, parse_variant
+from puzzlelib.bld.library import (Library, LibraryError, LibraryMismatch, build_child_from_library,
                                child_blocks, load_blocks, pair_name, parent_fingerprint,
                                split_pair_tensors)
-from puzzlelib.model import PuzzleForCausalLM
+from puzzlelib.core.model import PuzzleForCausalLM
 from conftest import tiny_config
 
 JOBS = [(0, "attn:kv1"), (0, "ffn:0.50"), (0, "attn:noop"), (1, "attn:kv1"), (1, "ffn:0.50"),
@@ -151,7 +151,7 @@ def test_resume_same_library_and_bad_folders(tmp_path, tiny_parent):
 def test_interrupted_or_damaged_block_is_not_taken(tmp_path, tiny_parent, monkeypatch):
     root = tmp_path / "lib"
     lib = Library.create(root, tiny_parent, SETTINGS, JOBS, VARIANTS)
-    import puzzlelib.library as library
+    import puzzlelib.bld.library as library
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from puzzlelib import mip
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.mip import Budget, Option, Problem, Range, SearchError
-from puzzlelib.search import Searcher
+from puzzlelib.search import mip
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.search.mip import Budget, Option, Problem, Range, SearchError
+from puzzlelib.search.stage import Searcher
 
 try:
     import gurobipy  # noqa: F401

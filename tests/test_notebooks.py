@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from puzzlelib.rundir import NOTEBOOKS
+from puzzlelib.core.rundir import NOTEBOOKS
 from puzzlelib.student import EXERCISE_TAG, SOLUTION_TAG, tags
 
 REPO = Path(__file__).resolve().parent.parent

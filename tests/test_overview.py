@@ -7,7 +7,7 @@ import json
 import pytest
 
 from puzzlelib.overview import chosen_child, headline, stage_facts, write_pipeline_figure
-from puzzlelib.rundir import STAGES
+from puzzlelib.core.rundir import STAGES
 
 
 def _manifest(d, stage, status="done", seconds=12.0, **metrics):

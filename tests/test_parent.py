@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from puzzlelib import parent
-from puzzlelib.config import RunConfig
-from puzzlelib.rundir import RunDir, StageNotReady
+from puzzlelib.parent import stage as parent
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.rundir import RunDir, StageNotReady
 
 TINY = {"corpus_max_bytes": 200_000, "tokenizer_train_bytes": 200_000, "vocab_size": 300, "seq_len": 32,
         "parent_hidden_size": 32, "parent_num_layers": 2, "parent_num_heads": 4, "parent_num_kv_heads": 2,
@@ -95,7 +95,7 @@ def test_bad_inputs(tmp_path, tiny_tokenizer):
         parent.check_compatible(tiny_config(), tiny_tokenizer, 1024)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    from puzzlelib.data import DataError
+    from puzzlelib.core.data import DataError
     with pytest.raises(DataError):
         parent.run(tiny_cfg(tmp_path, "e", corpus=str(empty)))
     assert RunDir(tiny_cfg(tmp_path, "e")).manifest("00_parent")["status"] == "failed"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from puzzlelib.rundir import STAGES
+from puzzlelib.core.rundir import STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,13 @@ import sys
 import pytest
 import torch
 
-from puzzlelib import parent, precision, profiling
-from puzzlelib.config import ConfigError, RunConfig, parse_set_args
-from puzzlelib.rundir import RunDir
+from puzzlelib.parent import stage as parent
+
+from puzzlelib.core import precision
+
+from puzzlelib.profiling import stage as profiling
+from puzzlelib.core.config import ConfigError, RunConfig, parse_set_args
+from puzzlelib.core.rundir import RunDir
 
 FIELD = "parent_autocast_bf16"
 # test_parent.py's tiny parent: a stage 00 run in a few seconds.
@@ -57,7 +61,7 @@ def test_capability_override_and_bad_value(forced, monkeypatch):
 def test_onednn_avx2_cap_reads_as_no_native_bf16():
     """ONEDNN_MAX_CPU_ISA=AVX2 (how the benchmark emulates a laptop CPU) must read as no native
     bf16 on every x86 CPU, whatever its flags say."""
-    code = "from puzzlelib.precision import bf16_native; print(bf16_native('cpu')[0])"
+    code = "from puzzlelib.core.precision import bf16_native; print(bf16_native('cpu')[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.stdout.strip() == "False"

@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 
-from puzzlelib import parent as parent_stage
-from puzzlelib import profiling as P
-from puzzlelib.blocks import build_child, list_library
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.model import PuzzleForCausalLM, count_params
-from puzzlelib.rundir import RunDir, StageNotReady
+from puzzlelib.parent import stage as parent_stage
+from puzzlelib.profiling import stage as P
+from puzzlelib.core.blocks import build_child, list_library
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.core.model import PuzzleForCausalLM, count_params
+from puzzlelib.core.rundir import RunDir, StageNotReady
 
 from conftest import tiny_config
 

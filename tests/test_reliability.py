@@ -139,8 +139,8 @@ def _refused_downstream(over: dict, stage: str, killed: str, log: Path) -> None:
 
 
 def _check_interrupted(root: Path, over: dict, stage: str, later: str, log: Path) -> None:
-    from puzzlelib.config import RunConfig
-    from puzzlelib.rundir import RunDir, StageNotReady
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.core.rundir import RunDir, StageNotReady
 
     run_dir = root / "runs" / "smoke"
     assert _status(run_dir, stage) == "running"  # killed inside the stage, not between two
@@ -257,8 +257,8 @@ def test_same_run_name_is_refused_and_different_names_run_in_parallel(tmp_path):
     with the lock message and a second writer of the stage gets StageLocked; the first one
     finishes with intact artifacts. (a) Runs "c1" and "c2" in parallel both finish, with the same
     parent weights as the first (sequential) run."""
-    from puzzlelib.config import RunConfig
-    from puzzlelib.rundir import RunDir, StageLocked
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.core.rundir import RunDir, StageLocked
 
     over = {**_overrides(tmp_path), **_SHORT}
     log = tmp_path / "same.log"
@@ -294,8 +294,8 @@ def test_same_run_name_is_refused_and_different_names_run_in_parallel(tmp_path):
 _LONG_STAGE = """
 import os, time
 from tqdm import tqdm
-from puzzlelib.config import RunConfig
-from puzzlelib.rundir import RunDir
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.rundir import RunDir
 rd = RunDir(RunConfig.from_preset(preset, overrides, run_name))
 with rd.stage("00_parent") as st:
     (rd.root / "kernel.pid").write_text(str(os.getpid()))
@@ -392,8 +392,8 @@ def test_a_signal_stops_the_notebook_and_its_kernel(tmp_path, how):
 
 def _finished_run(root: Path, name: str) -> Path:
     """A run with stage 00 done through RunDir (no notebook), under root/runs/name."""
-    from puzzlelib.config import RunConfig
-    from puzzlelib.rundir import RunDir
+    from puzzlelib.core.config import RunConfig
+    from puzzlelib.core.rundir import RunDir
 
     rd = RunDir(RunConfig.from_preset("smoke", {"runs_root": str(root / "runs")}, name))
     with rd.stage("00_parent") as st:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from puzzlelib.config import RunConfig
-from puzzlelib.rundir import (
+from puzzlelib.core.config import RunConfig
+from puzzlelib.core.rundir import (
     NOTEBOOKS,
     STAGES,
     UPSTREAM,
@@ -212,8 +212,8 @@ def test_second_process_is_refused_the_lock(cfg, tmp_path):
     child = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from puzzlelib.config import RunConfig
-        from puzzlelib.rundir import RunDir
+        from puzzlelib.core.config import RunConfig
+        from puzzlelib.core.rundir import RunDir
         cfg = RunConfig.from_preset("smoke", {{"runs_root": {str(cfg.runs_root)!r}}})
         with RunDir(cfg, create=False).stage("00_parent") as st:
             st.path("w.bin").write_bytes(b"1")

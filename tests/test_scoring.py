@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from puzzlelib import bld, scoring
-from puzzlelib.blocks import init_variant, list_library, parse_variant
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.export import save_checkpoint
-from puzzlelib.library import Library, LibraryMismatch
-from puzzlelib.model import PuzzleForCausalLM
-from puzzlelib.rundir import RunDir, StageNotReady, atomic_write_json
+from puzzlelib.bld import stage as bld
+
+from puzzlelib.scoring import stage as scoring
+from puzzlelib.core.blocks import init_variant, list_library, parse_variant
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.core.export import save_checkpoint
+from puzzlelib.bld.library import Library, LibraryMismatch
+from puzzlelib.core.model import PuzzleForCausalLM
+from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json
 from conftest import tiny_config
 
 PAIR = "attn:kv1+ffn:0.50"

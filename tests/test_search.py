@@ -13,10 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from puzzlelib import baselines, search
-from puzzlelib.config import ConfigError, RunConfig
-from puzzlelib.profiling import CostTable, Scenario
-from puzzlelib.search import Budget, ChildSpec, InfeasibleBudget, Option, Problem, Searcher
+from puzzlelib.search import baselines, stage as search
+from puzzlelib.core.config import ConfigError, RunConfig
+from puzzlelib.profiling.stage import CostTable, Scenario
+from puzzlelib.search.stage import Budget, ChildSpec, InfeasibleBudget, Option, Problem, Searcher
 
 try:
     import gurobipy  # noqa: F401
@@ -150,7 +150,7 @@ def test_gurobi_licence_limit_falls_back_to_highs_with_the_reason():
 
 def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):
     p = make_problem(L=3, seed=0)
-    from puzzlelib import mip
+    from puzzlelib.search import mip
 
     monkeypatch.setattr(mip, "solve", lambda *a, **k: search.Solved("time_limit", None, None, "fake", 1.0))
     with pytest.raises(search.SearchError, match="search_time_limit_s") as e:
@@ -304,7 +304,7 @@ def test_sweep_and_pareto_rows():
 # ------------------------------------------------------------------------------ block influence
 
 def test_block_influence_is_one_minus_cosine(tiny_parent):
-    from puzzlelib.blocks import build_child
+    from puzzlelib.core.blocks import build_child
 
     tokens = np.random.default_rng(0).integers(3, 300, size=2000)
     bi = baselines.block_influence(tiny_parent, tokens, seq_len=16, max_tokens=256, progress=False)
@@ -391,10 +391,14 @@ def stages(tmp_path_factory):
     """Stages 00–03 for real on a tiny parent (2 layers, hidden 64): a few seconds."""
     from conftest import tiny_config
 
-    from puzzlelib import bld, profiling, scoring
-    from puzzlelib.export import save_checkpoint
-    from puzzlelib.model import PuzzleForCausalLM
-    from puzzlelib.rundir import RunDir, atomic_write_json
+    from puzzlelib.bld import stage as bld
+
+    from puzzlelib.profiling import stage as profiling
+
+    from puzzlelib.scoring import stage as scoring
+    from puzzlelib.core.export import save_checkpoint
+    from puzzlelib.core.model import PuzzleForCausalLM
+    from puzzlelib.core.rundir import RunDir, atomic_write_json
 
     cfg = pipeline_cfg(tmp_path_factory.mktemp("pipe"))
     torch.manual_seed(0)
@@ -451,7 +455,7 @@ def test_stage_writes_specs_reuses_and_builds_children(stages, capsys):
     again = search.run(cfg, progress=False)
     assert again.reused and again.best == best and "reusing" in capsys.readouterr().out
     child = best.build(cfg)
-    from puzzlelib.model import count_params
+    from puzzlelib.core.model import count_params
 
     assert count_params(child) == best.predicted["params"]
     bc = child.config.block_configs
@@ -460,7 +464,8 @@ def test_stage_writes_specs_reuses_and_builds_children(stages, capsys):
 
 def test_highs_gives_the_same_child_score_as_auto(stages):
     cfg = stages
-    from puzzlelib import profiling, scoring
+    from puzzlelib.profiling import stage as profiling
+    from puzzlelib.scoring import stage as scoring
 
     costs, table = profiling.load_costs(cfg), scoring.load_scores(cfg)
     a = search.searcher_from_config(cfg.replace(search_solver="highs", search_mip_gap=0.0), costs, table).best()
@@ -471,7 +476,7 @@ def test_highs_gives_the_same_child_score_as_auto(stages):
 def test_infeasible_budget_from_config_leaves_no_artifact(stages):
     cfg = stages.replace(run_name="infeasible", runs_root=stages.runs_root)
     # a new run name: copy nothing, the stage refuses before writing (01/03 missing there) ...
-    from puzzlelib.rundir import StageNotReady
+    from puzzlelib.core.rundir import StageNotReady
 
     with pytest.raises(StageNotReady, match="01_profiling"):
         search.run(cfg, progress=False)
@@ -479,7 +484,7 @@ def test_infeasible_budget_from_config_leaves_no_artifact(stages):
     bad = stages.replace(search_speedup=80.0)
     with pytest.raises(InfeasibleBudget, match=r"search_speedup=80 asked, but the tightest"):
         search.run(bad, progress=False)
-    from puzzlelib.rundir import RunDir
+    from puzzlelib.core.rundir import RunDir
 
     m = RunDir(bad, create=False).manifest("04_search")
     assert m is None or m["key"] != RunDir(bad, create=False).config_key("04_search")

@@ -172,7 +172,7 @@ def test_committed_student_copies_are_in_sync(tmp_path):
 def test_student_copies_run_headless(smoke_run, tmp_path):
     """The copies run through papermill on a copy of the shared smoke run: every stage is fresh
     there, so each notebook reuses its stage and only the cells around it run."""
-    from puzzlelib.rundir import STAGES
+    from puzzlelib.core.rundir import STAGES
     from puzzlelib.runner import run_pipeline
 
     shutil.copytree(smoke_run.root, tmp_path / "run")
