@@ -26,16 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzlelib.bld import stage as bld
+from puzzlelib.bld import plan
+from puzzlelib.bld import train as bld_train
 
 from puzzlelib.core import data
 from puzzlelib.core.blocks import ffn_channel_scores
 from puzzlelib.core.config import RunConfig
 from puzzlelib.bld.library import Library
-from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.core.configuration_decilm import PuzzleConfig
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
 
-def own_forward(parent, jobs, s: bld.BLDSettings, train, held, scores) -> tuple[float, dict]:
+def own_forward(parent, jobs, s: plan.BLDSettings, train, held, scores) -> tuple[float, dict]:
     """Each job runs the parent from the embeddings to its layer for every batch it sees."""
     model = parent.model
     ids = [data.batch_at(train, s.batch_size, s.seq_len, s.data_seed, k)[0] for k in range(s.steps)]
@@ -47,19 +49,19 @@ def own_forward(parent, jobs, s: bld.BLDSettings, train, held, scores) -> tuple[
     def acts(tokens, layer, kind):
         x, _ = model.forward_layers(model.embed_tokens(tokens), 0, layer)
         pl = model.layers[layer]
-        a = bld.sub_out(pl, "attn", x, cos, sin)
+        a = bld_train.sub_out(pl, "attn", x, cos, sin)
         if kind == "attn":
             return x, a
-        f = bld.sub_out(pl, "ffn", x + a, cos, sin)
+        f = bld_train.sub_out(pl, "ffn", x + a, cos, sin)
         return (x + a, f) if kind == "ffn" else (x, a + f)
 
     out, t0 = {}, time.perf_counter()
     for job in jobs:
-        module = bld.job_module(parent, job, scores)
+        module = bld_train.job_module(parent, job, scores)
         eval_set = [acts(e, job.layer, job.kind) for e in eval_ids]
-        bld.train_block(module, job, lambda k, j=job: acts(ids[k], j.layer, j.kind), eval_set, rope,
+        bld_train.train_block(module, job, lambda k, j=job: acts(ids[k], j.layer, j.kind), eval_set, rope,
                         s, torch.device("cpu"))
-        out[(job.layer, job.name)] = bld.block_tensors(module)
+        out[(job.layer, job.name)] = bld_train.block_tensors(module)
     return time.perf_counter() - t0, out
 
 
@@ -68,7 +70,7 @@ def shared(parent, jobs, s, train, held, scores, variants, tmp: Path) -> tuple[f
                          overwrite=True)
     lib.write_channel_scores(scores)
     t0 = time.perf_counter()
-    bld.train_blocks(parent, lib, jobs, s, train, held, torch.device("cpu"), progress=False)
+    bld_train.train_blocks(parent, lib, jobs, s, train, held, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - t0
     return seconds, {(j.layer, j.name): lib.read_block(j.layer, j.name) for j in jobs}
 
@@ -102,8 +104,8 @@ def main() -> None:
     cfg = RunConfig.from_preset(a.preset, {"seq_len": a.seq, "bld_batch_size": a.batch,
                                            "bld_tokens_per_variant": a.steps * a.batch * a.seq,
                                            "bld_eval_tokens": a.eval_tokens, "bld_eval_every": 0})
-    s = bld.BLDSettings.from_config(cfg)
-    variants, jobs = bld.plan(pc, cfg)
+    s = plan.BLDSettings.from_config(cfg)
+    variants, jobs = plan.plan(pc, cfg)
     rng = np.random.default_rng(0)
     train = rng.integers(0, a.vocab, 200_000).astype(np.uint16)
     held = rng.integers(0, a.vocab, 20_000).astype(np.uint16)

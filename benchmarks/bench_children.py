@@ -20,7 +20,9 @@ import time
 import torch
 
 from puzzlelib.core.blocks import build_child
-from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM, count_params
+from puzzlelib.core.configuration_decilm import PuzzleConfig
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
+from puzzlelib.core.model import count_params
 
 
 def children(layers: int, kv: int) -> dict[str, list[tuple[str, str]]]:

@@ -48,7 +48,8 @@ from puzzlelib.bld.plan import BLDSettings
 from puzzlelib.bld.train import probe_step as bld_probe_step
 from puzzlelib.core.config import RunConfig
 from puzzlelib.core.distributed import Dist
-from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.core.configuration_decilm import PuzzleConfig
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
 STEPS = ("parent", "bld", "scoring", "gkd")
 FIELD = {"parent": "parent_autocast_bf16", "bld": "bld_autocast_bf16", "gkd": "gkd_autocast_bf16"}
@@ -251,9 +252,9 @@ def main() -> None:
 
 
 def precision_machine() -> str:
-    from puzzlelib.core.rundir import _cpu_model  # the string environment.json records
+    from puzzlelib.core.rundir import cpu_model  # the string environment.json records
 
-    return _cpu_model()
+    return cpu_model()
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import warnings
 
 import torch
 
-from puzzlelib.scoring import stage as scoring
+from puzzlelib.scoring import prefix_scoring
 from puzzlelib.core.blocks import init_variant, list_library
 from puzzlelib.core.config import RunConfig
-from puzzlelib.core.model import PuzzleConfig, PuzzleForCausalLM
+from puzzlelib.core.configuration_decilm import PuzzleConfig
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
 
 def parent_for(cfg: RunConfig) -> PuzzleForCausalLM:
@@ -59,13 +60,13 @@ def main() -> None:
         warnings.simplefilter("ignore", UserWarning)  # weight-norm pruning: fine for timing
         blocks = {(i, v.name): init_variant(parent, i, v)
                   for i in range(parent.config.num_hidden_layers) for v in lib["attn"] + lib["ffn"]}
-    cands = scoring.blocks_candidates(blocks)
+    cands = prefix_scoring.blocks_candidates(blocks)
     if not args.no_init and cfg.scoring_include_init:
         # The stage also scores each trained variant from its initialisation: same work again.
         pc = parent.config
         trained = {k: t for k, t in blocks.items()
-                   if not (k[1].endswith("noop") or scoring.Candidate(*k).is_parent(pc))}
-        cands += scoring.blocks_candidates(trained, source="init")
+                   if not (k[1].endswith("noop") or prefix_scoring.Candidate(*k).is_parent(pc))}
+        cands += prefix_scoring.blocks_candidates(trained, source="init")
     tokens = args.tokens or cfg.scoring_tokens
     x = torch.randint(0, cfg.vocab_size, (max(1, tokens // cfg.seq_len), cfg.seq_len + 1),
                       generator=torch.Generator().manual_seed(0))
@@ -80,9 +81,9 @@ def main() -> None:
         out = fn()
         return time.perf_counter() - t0, out
 
-    t_c1, cached = timed(lambda: scoring.score_candidates(parent, cands, batches, progress=False))
-    t_n, naive = timed(lambda: scoring.score_naive(parent, cands, batches, progress=True))
-    t_c2, _ = timed(lambda: scoring.score_candidates(parent, cands, batches, progress=False))
+    t_c1, cached = timed(lambda: prefix_scoring.score_candidates(parent, cands, batches, progress=False))
+    t_n, naive = timed(lambda: prefix_scoring.score_naive(parent, cands, batches, progress=True))
+    t_c2, _ = timed(lambda: prefix_scoring.score_candidates(parent, cands, batches, progress=False))
     diff = max(abs(a[m] - b[m]) for a, b in zip(cached.rows, naive.rows)
                for m in ("kl", "lm_loss", "top1_agreement"))
     t_c = min(t_c1, t_c2)

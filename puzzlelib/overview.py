@@ -21,7 +21,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from .plots import _block_colour  # importing plots also picks the headless Agg backend
+from .search.plots import block_colour  # importing plots also picks the headless Agg backend
 from .core.rundir import STAGES
 
 # The paper's headline (DESIGN.md §1): Llama-3.1-70B -> Nemotron-51B on one H100.
@@ -187,7 +187,7 @@ def _draw_child(ax, parent: list[list[str]], child: list[list[str]]) -> None:
         for i, choice in enumerate(rows):
             for k, block in enumerate(choice[:2]):
                 y = -(2 * r + k) * 0.5 - 0.35 * r
-                colour, label = _block_colour(block, parent[i][k])
+                colour, label = block_colour(block, parent[i][k])
                 ax.add_patch(Rectangle((i, y), 0.95, 0.45, facecolor=colour, edgecolor="0.6", lw=0.5))
                 if L <= 24:
                     dark = not isinstance(colour, str) and colour[2] > 0.5 and colour[0] < 0.4

@@ -57,10 +57,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from .core.config import PRESETS, ConfigError, RunConfig, parse_set_args, project_root
+from .core.presets import PRESETS
+from .core.config import ConfigError, RunConfig, default_repo_root, parse_set_args
 from .core.progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
-from .core.rundir import (NOTEBOOKS, STAGES, UPSTREAM, RunDir, atomic_write_json, atomic_write_text,
-                     try_lock)
+from .core.rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, try_lock
+from .core.atomic import atomic_write_json, atomic_write_text
 from .core.validation import RUN_NAME_PATTERN
 
 KERNEL_NAME = "python3"
@@ -121,13 +122,6 @@ class PipelineResult:
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-def default_repo_root() -> Path:
-    """The project folder (config.project_root: the one holding notebooks/, also from inside
-    notebooks/ or student/), else the checkout this package lives in."""
-    root = project_root()
-    return root if (root / "notebooks").is_dir() else _PACKAGE_PARENT
-
-
 def parse_stages(spec: str) -> list[str]:
     """'all' | '00-03' | '00,02' | '2' | '02_bld' | 'bld' -> stage names in pipeline order."""
     spec = spec.strip()

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import nbformat
 
-from .core.rundir import atomic_write_text
+from .core.config import default_repo_root
+from .core.atomic import atomic_write_text
 
 EXERCISE_TAG = "exercise"
 SOLUTION_TAG = "solution"
@@ -252,8 +253,6 @@ def out_of_sync(src: str | Path = "notebooks", dst: str | Path = "student") -> l
 def main(argv: list[str] | None = None) -> int:
     """`python -m puzzlelib student`. Exit codes: 0 ok / in sync, 1 out of sync (--check),
     2 a source notebook breaks the exercise convention or there is none."""
-    from .runner import default_repo_root
-
     root = default_repo_root()
     ap = argparse.ArgumentParser(prog="python -m puzzlelib student",
                                  description="write student copies of the notebooks "

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def tiny_config(**kw):
-    from puzzlelib.core.model import PuzzleConfig
+    from puzzlelib.core.configuration_decilm import PuzzleConfig
 
     base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -27,7 +27,7 @@ def tiny_config(**kw):
 
 @pytest.fixture
 def tiny_parent():
-    from puzzlelib.core.model import PuzzleForCausalLM
+    from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
     torch.manual_seed(0)
     return PuzzleForCausalLM(tiny_config()).eval()

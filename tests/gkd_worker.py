@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
 from puzzlelib.core.blocks import build_child  # noqa: E402
-from puzzlelib.gkd.stage import Dist, GKDSettings, distill  # noqa: E402
-from puzzlelib.core.model import PuzzleForCausalLM  # noqa: E402
+from puzzlelib.core.distributed import Dist
+from puzzlelib.gkd.stage import GKDSettings, distill  # noqa: E402
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
 SETTINGS = GKDSettings(tokens=8 * 16 * 4, batch_size=8, grad_accum=2, seq_len=16, lr=3e-3, min_lr_ratio=0.1,
                        warmup_steps=1, weight_decay=0.0, grad_clip=1.0, cos_weight=1.0, kl_weight=1.0,

@@ -415,7 +415,8 @@ def test_notebooks_validate_their_parameters_before_any_use():
 
 
 def test_trust_remote_code_is_off_by_default_and_warned_when_asked(tmp_path):
-    from puzzlelib.core.config import PRESETS, RunConfig
+    from puzzlelib.core.presets import PRESETS
+    from puzzlelib.core.config import RunConfig
 
     assert RunConfig().trust_remote_code is False
     assert all(not p.get("trust_remote_code") for p in PRESETS.values())

@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from puzzlelib.bld import stage as bld
+from puzzlelib.bld import plan
 from puzzlelib.core.blocks import build_child
 from puzzlelib.core.config import ConfigError, RunConfig
 from puzzlelib.core.export import save_checkpoint
 from puzzlelib.bld.library import Library, load_blocks
-from puzzlelib.core.model import PuzzleForCausalLM
-from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
+from puzzlelib.core.rundir import RunDir, StageNotReady
+from puzzlelib.core.atomic import atomic_write_json
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,12 +200,12 @@ def test_two_rank_torchrun_equals_one_process(reference, tmp_path):
 
 def test_shards_cover_every_job_once_and_balance(reference):
     cfg, parent, _, _ = reference
-    _, jobs = bld.plan(parent.config, cfg)
+    _, jobs = plan.plan(parent.config, cfg)
     for world in (1, 2, 3):
-        shards = bld.assign(jobs, world, parent.config, cfg.seq_len)
+        shards = plan.assign(jobs, world, parent.config, cfg.seq_len)
         flat = [(j.layer, j.name) for s in shards for j in s]
         assert sorted(flat) == sorted((j.layer, j.name) for j in jobs)
-        assert shards == bld.assign(jobs, world, parent.config, cfg.seq_len)
+        assert shards == plan.assign(jobs, world, parent.config, cfg.seq_len)
         loads = [sum(j.cost(parent.config, cfg.seq_len) for j in s) for s in shards]
         assert max(loads) <= 1.5 * min(loads) or world == 1
     assert jobs[0].seed(0) == jobs[0].seed(0) != jobs[1].seed(0)  # crc32: stable across processes
@@ -231,8 +233,8 @@ def test_bad_inputs_against_the_parent_leave_nothing(reference, tmp_path):
                       (dict(bld_kv_heads="2", bld_ffn_fractions="1.0", bld_include_linear=False,
                             bld_include_noop=False, bld_coupled_pairs=""), "variant list is empty")):
         bad = make_config(tmp_path, **kw)
-        with pytest.raises(bld.BLDError, match=match):
-            bld.plan(parent.config, bad)
+        with pytest.raises(plan.BLDError, match=match):
+            plan.plan(parent.config, bad)
     # No parent stage in this run yet: a clear pointer to the notebook, no 02_bld folder.
     lonely = make_config(tmp_path / "lonely")
     with pytest.raises(StageNotReady, match="00_parent.*00_parent.ipynb"):

@@ -7,13 +7,8 @@ import re
 
 import pytest
 
-from puzzlelib.core.config import (
-    PRESETS,
-    STAGE_TAGS,
-    ConfigError,
-    RunConfig,
-    parse_set_args,
-)
+from puzzlelib.core.presets import PRESETS
+from puzzlelib.core.config import STAGE_TAGS, ConfigError, RunConfig, parse_set_args
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -16,6 +16,10 @@ import pytest
 import torch
 
 from puzzlelib.evaluation import stage as E
+from puzzlelib.evaluation import errors as evaluation_errors
+from puzzlelib.evaluation import report
+from puzzlelib.evaluation import throughput
+from puzzlelib.evaluation import uncertainty
 from puzzlelib.evaluation import tasks as T
 from puzzlelib.core.config import RunConfig
 from puzzlelib.core.rundir import RunDir, StageNotReady
@@ -29,38 +33,38 @@ def test_ece_and_aurc_equal_hand_computed_values():
     conf = [0.95, 0.85, 0.85, 0.65, 0.45]
     ok = [1, 1, 0, 1, 0]
     # Bins (0.9,1], (0.8,0.9], (0.6,0.7], (0.4,0.5]: gaps .05, |.5-.85|=.35 (2 samples), .35, .45.
-    assert E.ece(conf, ok, bins=10) == pytest.approx((0.05 + 2 * 0.35 + 0.35 + 0.45) / 5)  # 0.31
+    assert uncertainty.ece(conf, ok, bins=10) == pytest.approx((0.05 + 2 * 0.35 + 0.35 + 0.45) / 5)  # 0.31
     # Thresholds .95 | .85 (a tie: both enter together) | .65 | .45 -> coverage .2 .6 .8 1,
     # risk 0, 1/3, 1/4, 2/5; step integral .2*0 + .4/3 + .2/4 + .2*2/5.
-    cov, risk = E.risk_coverage(conf, ok)
+    cov, risk = uncertainty.risk_coverage(conf, ok)
     assert cov.tolist() == pytest.approx([0.2, 0.6, 0.8, 1.0])
     assert risk.tolist() == pytest.approx([0.0, 1 / 3, 0.25, 0.4])
-    assert E.aurc(conf, ok) == pytest.approx(0.4 / 3 + 0.05 + 0.08)
+    assert uncertainty.aurc(conf, ok) == pytest.approx(0.4 / 3 + 0.05 + 0.08)
     # A perfect ranking of 3 right + 2 wrong: risks 0,0,0,1/4,2/5 -> mean 0.13.
-    assert E.optimal_aurc(ok) == pytest.approx(0.13)
+    assert uncertainty.optimal_aurc(ok) == pytest.approx(0.13)
     # Without ties AURC is the mean risk of the k most confident answers.
-    assert E.aurc([0.9, 0.8, 0.7, 0.6], [0, 1, 1, 1]) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
-    assert E.aurc([0.9, 0.8, 0.7, 0.6], [1, 1, 1, 0]) == pytest.approx(E.optimal_aurc([1, 1, 1, 0]))
+    assert uncertainty.aurc([0.9, 0.8, 0.7, 0.6], [0, 1, 1, 1]) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert uncertainty.aurc([0.9, 0.8, 0.7, 0.6], [1, 1, 1, 0]) == pytest.approx(uncertainty.optimal_aurc([1, 1, 1, 0]))
 
 
 def test_uncertainty_metrics_of_choice_probabilities():
     probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.45, 0.05]])
-    m = E.uncertainty_metrics(probs, np.array([0, 2, 2]), bins=10)
+    m = uncertainty.uncertainty_metrics(probs, np.array([0, 2, 2]), bins=10)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["mean_confidence"] == pytest.approx((0.7 + 0.6 + 0.45) / 3)
     # one sample per bin: |1-.7| + |0-.6| + |1-.45| over 3
     assert m["ece"] == pytest.approx((0.3 + 0.6 + 0.55) / 3)
     assert m["aurc"] == pytest.approx((0 + 1 / 2 + 1 / 3) / 3)
     assert m["e_aurc"] == pytest.approx(m["aurc"] - (0 + 0 + 1 / 3) / 3)
     assert m["nll"] == pytest.approx(-(np.log(0.7) + np.log(0.2) + np.log(0.45)) / 3)
-    assert np.allclose(E.softmax(np.log(probs)), probs)
+    assert np.allclose(uncertainty.softmax(np.log(probs)), probs)
 
 
 def test_paired_bootstrap_interval():
     rng = np.random.default_rng(0)
     a = {"t": rng.integers(0, 2, 200).astype(float)}
-    assert E.bootstrap_retention(a, a, iters=300) == pytest.approx((1.0, 1.0))
+    assert uncertainty.bootstrap_retention(a, a, iters=300) == pytest.approx((1.0, 1.0))
     worse = {"t": a["t"] * (rng.random(200) < 0.8)}  # loses ~20 % of the right answers
-    lo, hi = E.bootstrap_retention(a, worse, iters=500)
+    lo, hi = uncertainty.bootstrap_retention(a, worse, iters=500)
     point = worse["t"].mean() / a["t"].mean()
     assert lo < point < hi < 1.0
 
@@ -159,25 +163,25 @@ def test_report_split_keeps_timings_out_of_metrics_and_merges_back(tmp_path, cap
     """Two runs that differ only in wall-clock measurements (and where their run folder lives)
     write the same metrics.json; metrics + timings give back what stage 06 returned."""
     a, b = _report_metrics(tmp_path / "a", 0.9, 1.7), _report_metrics(tmp_path / "b", 0.9, 2.3)
-    (da, ta), (db, tb) = E.split_report(a, tmp_path / "a"), E.split_report(b, tmp_path / "b")
+    (da, ta), (db, tb) = report.split_report(a, tmp_path / "a"), report.split_report(b, tmp_path / "b")
     assert json.dumps(da) == json.dumps(db) and ta != tb
     assert [m["source"] for m in da["models"]] == ["00_parent/model", "05_gkd/children/puzzle-1", "BLD library"]
     assert "1.7" not in json.dumps(da) and "measured" not in json.dumps(da)
-    merged = E.merge_report(da, ta)
+    merged = report.merge_report(da, ta)
     assert merged == {**a, "models": [{**m, "source": d["source"]} for m, d in zip(a["models"], da["models"])]}
     # Files: the split layout merges; the single-file layout of older reports reads as it is.
     d = tmp_path / "report"
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps(da))
-    with pytest.raises(E.EvaluationError, match="timings.json is missing"):
-        E.read_report(d / "metrics.json")
+    with pytest.raises(evaluation_errors.EvaluationError, match="timings.json is missing"):
+        report.read_report(d / "metrics.json")
     readme = tmp_path / "README.md"
-    readme.write_text(f"{E.MARKERS[0]}\n{E.MARKERS[1]}\n")
-    assert not E.update_readme_results(readme, d / "metrics.json") and "timings.json" in capsys.readouterr().out
+    readme.write_text(f"{report.MARKERS[0]}\n{report.MARKERS[1]}\n")
+    assert not report.update_readme_results(readme, d / "metrics.json") and "timings.json" in capsys.readouterr().out
     (d / "timings.json").write_text(json.dumps(ta))
-    assert E.read_report(d / "metrics.json")["headline"]["measured_speedup"] == 1.7
+    assert report.read_report(d / "metrics.json")["headline"]["measured_speedup"] == 1.7
     (d / "metrics.json").write_text(json.dumps(a))
-    assert E.read_report(d / "metrics.json") == a
+    assert report.read_report(d / "metrics.json") == a
 
 
 @pytest.fixture(autouse=True)
@@ -223,11 +227,11 @@ def test_cached_greedy_decoding_equals_generate_and_throughput_is_relative(tiny_
     from puzzlelib.core.blocks import build_child
 
     ids = torch.randint(3, 300, (2, 10))
-    toks, times = E.greedy_generate(tiny_parent, ids, 6)
+    toks, times = throughput.greedy_generate(tiny_parent, ids, 6)
     ref = tiny_parent.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=2)
     assert torch.equal(toks, ref[:, 10:]) and set(times) == {"wall", "cpu"}
     child = build_child(tiny_parent, [("attn:noop", "ffn:noop"), ("attn:kv1", "ffn:0.50")])
-    thr = E.measure_throughput({"parent": tiny_parent, "child": child}, [(1, 8, 4), (2, 8, 4)], rounds=3,
+    thr = throughput.measure_throughput({"parent": tiny_parent, "child": child}, [(1, 8, 4), (2, 8, 4)], rounds=3,
                                warmup=1, progress=False)
     assert len(thr["samples"]["wall"]["child"]["b2"]["decode_s"]) == 3
     p, c = thr["models"]["parent"], thr["models"]["child"]
@@ -236,8 +240,8 @@ def test_cached_greedy_decoding_equals_generate_and_throughput_is_relative(tiny_
     raw = thr["samples"]["wall"]["child"]["b2"]
     assert c["b2"]["tokens_per_s"] == pytest.approx(2 * 4 / np.median(np.add(raw["prefill_s"], raw["decode_s"])))
     assert c["b2"]["prefill_tokens_per_s"] == pytest.approx(2 * 8 / np.median(raw["prefill_s"]))
-    with pytest.raises(E.EvaluationError, match="reference"):
-        E.measure_throughput({"child": child}, [(1, 8, 4)], rounds=1, progress=False)
+    with pytest.raises(evaluation_errors.EvaluationError, match="reference"):
+        throughput.measure_throughput({"child": child}, [(1, 8, 4)], rounds=1, progress=False)
 
 
 # ------------------------------------------------------------------ the stage on a tiny pipeline
@@ -334,10 +338,10 @@ def test_a_stale_upstream_is_refused_naming_its_notebook(pipeline):
 
 def test_report_folder_has_every_expected_file(pipeline):
     cfg, res = pipeline
-    paths = E.write_report(cfg, res)
+    paths = report.write_report(cfg, res)
     out = Path(cfg.reports_root) / cfg.run_name
-    assert sorted(p.name for p in out.iterdir()) == sorted(E.REPORT_FILES)
-    assert all(paths[n] == out / n and paths[n].stat().st_size > 0 for n in E.REPORT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(report.REPORT_FILES)
+    assert all(paths[n] == out / n and paths[n].stat().st_size > 0 for n in report.REPORT_FILES)
     summary = (out / "summary.md").read_text()
     assert "| parent |" in summary and res.metrics["headline"]["model"] in summary
     assert json.loads((out / "metrics.json").read_text())["models"][0]["name"] == "parent"
@@ -349,17 +353,17 @@ def test_report_folder_has_every_expected_file(pipeline):
 def test_update_readme_results(pipeline, tmp_path, capsys):
     cfg, res = pipeline
     metrics = Path(cfg.reports_root) / cfg.run_name / "metrics.json"
-    E.write_report(cfg, res)
+    report.write_report(cfg, res)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nno markers here\n")
-    assert not E.update_readme_results(readme, metrics)
+    assert not report.update_readme_results(readme, metrics)
     assert readme.read_text() == "# x\n\nno markers here\n" and "markers" in capsys.readouterr().out
-    assert not E.update_readme_results(readme, tmp_path / "missing.json")
-    readme.write_text(f"# x\n\n{E.MARKERS[0]}\nold table\n{E.MARKERS[1]}\n\nafter\n")
-    assert E.update_readme_results(readme, metrics)
+    assert not report.update_readme_results(readme, tmp_path / "missing.json")
+    readme.write_text(f"# x\n\n{report.MARKERS[0]}\nold table\n{report.MARKERS[1]}\n\nafter\n")
+    assert report.update_readme_results(readme, metrics)
     text = readme.read_text()
-    assert "old table" not in text and "| parent |" in text and text.endswith(f"{E.MARKERS[1]}\n\nafter\n")
-    E.update_readme_results(readme, metrics)
+    assert "old table" not in text and "| parent |" in text and text.endswith(f"{report.MARKERS[1]}\n\nafter\n")
+    report.update_readme_results(readme, metrics)
     assert readme.read_text() == text  # idempotent
 
 

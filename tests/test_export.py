@@ -16,7 +16,7 @@ import torch
 from puzzlelib.core.blocks import build_child
 from puzzlelib.core.export import (CheckpointError, load_checkpoint, nvidia_decilm_compatible, save_checkpoint,
                               vllm_compatible)
-from puzzlelib.core.model import PuzzleForCausalLM
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 from conftest import tiny_config
 
 MIXED = [("attn:noop", "ffn:0.50"), ("attn:linear", "ffn:linear"), ("attn:kv1", "ffn:noop"), ("attn:kv2", "ffn:0.25")]

@@ -30,7 +30,7 @@ import torch
 from conftest import tiny_config
 from puzzlelib.core.blocks import build_child
 from puzzlelib.core.export import nvidia_decilm_compatible, save_checkpoint
-from puzzlelib.core.model import PuzzleForCausalLM
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
 pytestmark = pytest.mark.slow
 

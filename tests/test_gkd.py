@@ -112,7 +112,8 @@ def test_stage_without_parent_is_refused(tmp_path):
 
 
 def test_child_not_in_library_is_refused(tmp_path, tiny_parent):
-    from puzzlelib.gkd.stage import Dist, distill_children
+    from puzzlelib.core.distributed import Dist
+    from puzzlelib.gkd.stage import distill_children
     from puzzlelib.bld.library import Library
 
     lib = Library.create(tmp_path / "lib", tiny_parent, {"x": 1}, [(0, "attn:kv1")], {"attn": ["attn:kv1"]})

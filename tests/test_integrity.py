@@ -27,9 +27,13 @@ from puzzlelib.bld import stage as bld
 
 from puzzlelib.core import limits
 from puzzlelib.profiling import stage as P
+from puzzlelib.profiling import benches
+from puzzlelib.profiling import costs
+from puzzlelib.profiling import timing
 from puzzlelib.core.config import ConfigError, RunConfig
 from puzzlelib.bld.library import Library, load_blocks
-from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json, file_sha256
+from puzzlelib.core.rundir import RunDir, StageNotReady, file_sha256
+from puzzlelib.core.atomic import atomic_write_json
 from puzzlelib.runner import UsageError, _check_upstream
 from puzzlelib.runner import main as cli_main
 from test_bld import assert_same_library, library_state, make_config, make_parent_stage
@@ -136,12 +140,12 @@ def test_a_damaged_block_record_or_index_is_rebuilt_too(built, capsys):
 def table_dir(tmp_path_factory):
     """A real cost table of the tiny parent (1 scenario, 1 repeat) with its scenarios.json."""
     from conftest import tiny_config
-    from puzzlelib.core.model import PuzzleForCausalLM
+    from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 
     torch.manual_seed(0)
     model = PuzzleForCausalLM(tiny_config()).eval()
-    sc = [P.Scenario(1, 8, 4)]
-    table = P.profile_model(model, sc, warmup=0, repeats=1, progress=False)
+    sc = [costs.Scenario(1, 8, 4)]
+    table = benches.profile_model(model, sc, warmup=0, repeats=1, progress=False)
     d = tmp_path_factory.mktemp("costs")
     table.to_csv(d / "costs.csv")
     atomic_write_json(d / "scenarios.json", {"scenarios": [vars(s) for s in sc],
@@ -171,13 +175,13 @@ def test_cost_cells_must_be_finite_and_non_negative(table_dir, tmp_path, value, 
     model, sc, d = table_dir
     bad = tmp_path / "costs.csv"
     bad.write_text(_set_cell((d / "costs.csv").read_text(), "attn:kv1", "prefill_ms@b1", value))
-    with pytest.raises(P.ProfilingError, match=re.escape(needle)) as e:
-        P.CostTable.from_csv(bad, sc)
+    with pytest.raises(timing.ProfilingError, match=re.escape(needle)) as e:
+        costs.CostTable.from_csv(bad, sc)
     assert re.search(r"line \d+ \(layer 0, attn:kv1\), column prefill_ms@b1", str(e.value))
     assert "rerun stage 01_profiling" in str(e.value)
     # the same table imported with profile_costs_from: refused the same way
     (tmp_path / "scenarios.json").write_bytes((d / "scenarios.json").read_bytes())
-    with pytest.raises(P.ProfilingError, match=re.escape(needle)):
+    with pytest.raises(timing.ProfilingError, match=re.escape(needle)):
         P.import_costs(model, sc, str(tmp_path), "median")
 
 
@@ -198,7 +202,7 @@ def test_an_imported_table_changed_after_its_run_wrote_it_is_refused(table_dir, 
     new = str(old)[:-1] + ("1" if str(old)[-1] != "1" else "2")  # same width, another time
     tamper_same_size(src / "costs.csv", lambda b: b.replace(row.encode(), row.replace(
         "," + old + ",", "," + new + ",", 1).encode(), 1))
-    with pytest.raises(P.ProfilingError, match=r"costs.csv changed after that run's stage "
+    with pytest.raises(timing.ProfilingError, match=r"costs.csv changed after that run's stage "
                                                r"01_profiling wrote it"):
         P.import_costs(model, sc, str(src), "median")
     assert [p.split(":")[0] for p in rd.verify("01_profiling")] == [str(src / "costs.csv")]

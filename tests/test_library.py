@@ -11,7 +11,7 @@ from puzzlelib.core.blocks import build_child, init_variant, parse_variant
 from puzzlelib.bld.library import (Library, LibraryError, LibraryMismatch, build_child_from_library,
                                child_blocks, load_blocks, pair_name, parent_fingerprint,
                                split_pair_tensors)
-from puzzlelib.core.model import PuzzleForCausalLM
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
 from conftest import tiny_config
 
 JOBS = [(0, "attn:kv1"), (0, "ffn:0.50"), (0, "attn:noop"), (1, "attn:kv1"), (1, "ffn:0.50"),

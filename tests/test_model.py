@@ -8,7 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from puzzlelib.core.blocks import build_child
-from puzzlelib.core.model import ParentError, PuzzleCache, PuzzleConfig, count_params, from_llama, load_parent
+from puzzlelib.core.model import ParentError, count_params, from_llama, load_parent
+from puzzlelib.core.modeling_decilm import PuzzleCache
+from puzzlelib.core.configuration_decilm import PuzzleConfig
 from conftest import tiny_config
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -17,6 +17,7 @@ from puzzlelib.parent import stage as parent
 from puzzlelib.core import precision
 
 from puzzlelib.profiling import stage as profiling
+from puzzlelib.profiling import timing
 from puzzlelib.core.config import ConfigError, RunConfig, parse_set_args
 from puzzlelib.core.rundir import RunDir
 
@@ -261,7 +262,7 @@ def test_stage01_cpu_clock_keeps_one_thread_under_auto(tmp_path):
     assert profiling.stage_threads(_cfg(tmp_path, threads="auto", profile_clock="cpu")) == 1
     wall = _cfg(tmp_path, threads="auto", profile_clock="wall")
     assert profiling.stage_threads(wall) == precision.auto_threads()
-    with pytest.raises(profiling.ProfilingError, match="threads=1 \\(or 0 or auto\\)"):
+    with pytest.raises(timing.ProfilingError, match="threads=1 \\(or 0 or auto\\)"):
         profiling.stage_threads(_cfg(tmp_path, threads=2, profile_clock="cpu"))
 
 

@@ -12,14 +12,20 @@ import torch
 
 from puzzlelib.parent import stage as parent_stage
 from puzzlelib.profiling import stage as P
+from puzzlelib.core import rundir
+from puzzlelib.profiling import additivity
+from puzzlelib.profiling import benches
+from puzzlelib.profiling import costs
+from puzzlelib.profiling import timing
 from puzzlelib.core.blocks import build_child, list_library
 from puzzlelib.core.config import ConfigError, RunConfig
-from puzzlelib.core.model import PuzzleForCausalLM, count_params
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
+from puzzlelib.core.model import count_params
 from puzzlelib.core.rundir import RunDir, StageNotReady
 
 from conftest import tiny_config
 
-SCENARIOS = [P.Scenario(1, 8, 4), P.Scenario(3, 8, 4)]
+SCENARIOS = [costs.Scenario(1, 8, 4), costs.Scenario(3, 8, 4)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +47,7 @@ def model():
 @pytest.fixture(scope="module")
 def profiled(model):
     samples: dict = {}
-    table = P.profile_model(model, SCENARIOS, warmup=1, repeats=5, progress=False,
+    table = benches.profile_model(model, SCENARIOS, warmup=1, repeats=5, progress=False,
                             samples_out=samples, clock="cpu")
     return table, samples
 
@@ -82,7 +88,7 @@ def test_params_and_bytes_equal_the_built_sub_blocks(model, profiled):
     h, v = model.config.hidden_size, model.config.vocab_size
     assert table.fixed("params") == 2 * v * h + h
     # a whole child: fixed part + sub-blocks = every distinct parameter of the built model
-    for spec in [parent_spec] + P.random_children(model.config, 5, seed=3):
+    for spec in [parent_spec] + additivity.random_children(model.config, 5, seed=3):
         assert table.predict(spec, "params") == count_params(_child(model, spec))
 
 
@@ -106,17 +112,17 @@ def test_kv_bytes_match_the_cache_generate_allocates(model, profiled):
         assert tokens == 5 + 4 - 1  # the last generated token is never fed back
         assert cache.kv_bytes() == 2 * tokens * table.predict(spec, "kv_bytes_per_token"), spec
         # what the additivity check measures: a prefill of batch x tokens into a real cache
-        assert P.measured_kv_bytes(child, 3, 7) == 3 * 7 * table.predict(spec, "kv_bytes_per_token")
+        assert additivity.measured_kv_bytes(child, 3, 7) == 3 * 7 * table.predict(spec, "kv_bytes_per_token")
 
 
 def test_noop_variants_cost_nothing(model, profiled):
     table, _ = profiled
     for i in range(2):
         for name in ("attn:noop", "ffn:noop"):
-            for metric in P.STATIC_METRICS:
+            for metric in costs.STATIC_METRICS:
                 assert table.cost(i, name, metric) == 0
             for s in SCENARIOS:
-                for metric in P.TIMED_METRICS:
+                for metric in costs.TIMED_METRICS:
                     parent_block = "attn:kv2" if name.startswith("attn") else "ffn:1.00"
                     # a Python call returning its input: microseconds against a real sub-block
                     assert table.cost(i, name, metric, s.batch) < 0.25 * table.cost(
@@ -144,7 +150,7 @@ def test_table_has_every_layer_and_variant(model, profiled):
         assert col in table.columns
     for r in table.rows:
         for s in SCENARIOS:
-            for ph in P.PHASES:
+            for ph in costs.PHASES:
                 lo, mid, hi = (r[f"{ph}_ms_p10@{s.key}"], r[f"{ph}_ms@{s.key}"],
                                r[f"{ph}_ms_p90@{s.key}"])
                 assert 0 <= lo <= mid <= hi and mid < 1e4
@@ -161,7 +167,7 @@ def test_heterogeneous_parent_times_each_distinct_layer(model):
         num_hidden_layers=3)
     torch.manual_seed(0)
     het = PuzzleForCausalLM(cfg).eval()
-    table = P.profile_model(het, [P.Scenario(1, 4, 2)], warmup=0, repeats=1, progress=False)
+    table = benches.profile_model(het, [costs.Scenario(1, 4, 2)], warmup=0, repeats=1, progress=False)
     assert table.meta["representative_layers"] == {"0": [0, 2], "1": [1]}
     on = {r["layer"]: r["measured_on_layer"] for r in table.rows if r["layer"] >= 0}
     assert on == {0: 0, 1: 1, 2: 0}
@@ -172,18 +178,18 @@ def test_heterogeneous_parent_times_each_distinct_layer(model):
 
 def test_shapes_are_deterministic_and_csv_round_trips(model, profiled, tmp_path):
     table, _ = profiled
-    again = P.profile_model(model, SCENARIOS, warmup=0, repeats=2, progress=False)
+    again = benches.profile_model(model, SCENARIOS, warmup=0, repeats=2, progress=False)
     assert again.columns == table.columns
     key = lambda r: (r["layer"], r["variant"], r["params"], r["weight_bytes"],  # noqa: E731
                      r["kv_bytes_per_token"], r["measured_on_layer"], r["is_parent"])
     assert [key(r) for r in again.rows] == [key(r) for r in table.rows]
     table.to_csv(tmp_path / "costs.csv")
-    back = P.CostTable.from_csv(tmp_path / "costs.csv", SCENARIOS)
+    back = costs.CostTable.from_csv(tmp_path / "costs.csv", SCENARIOS)
     assert [key(r) for r in back.rows] == [key(r) for r in table.rows]
-    spec = P.random_children(model.config, 1, seed=1)[0]
+    spec = additivity.random_children(model.config, 1, seed=1)[0]
     for metric, b in (("decode_ms", 3), ("prefill_ms", 1), ("params", None)):
         assert back.predict(spec, metric, b) == pytest.approx(table.predict(spec, metric, b), rel=1e-5)
-    assert P.random_children(model.config, 4, seed=7) == P.random_children(model.config, 4, seed=7)
+    assert additivity.random_children(model.config, 4, seed=7) == additivity.random_children(model.config, 4, seed=7)
 
 
 def test_predictions_add_up(model, profiled):
@@ -211,9 +217,9 @@ def test_predictions_add_up(model, profiled):
 
 def test_additivity_rows_are_real_measurements(model, profiled):
     table, _ = profiled
-    children = P.random_children(model.config, 3, seed=0)
+    children = additivity.random_children(model.config, 3, seed=0)
     samples: dict = {}
-    rows, memory = P.check_additivity(model, table, children, warmup=1, repeats=3,
+    rows, memory = additivity.check_additivity(model, table, children, warmup=1, repeats=3,
                                       progress=False, samples_out=samples)
     assert len(rows) == len(SCENARIOS) * 4 and rows[0]["is_parent"]
     for r in rows:
@@ -222,30 +228,30 @@ def test_additivity_rows_are_real_measurements(model, profiled):
         assert json.loads(r["choices"])
     parent_rows = [r for r in rows if r["is_parent"]]
     assert all(r["meas_decode_speedup"] == 1.0 for r in parent_rows)
-    summary = P.summarize_additivity(rows)
+    summary = additivity.summarize_additivity(rows)
     assert summary["n_children"] == 3 and summary["memory_max_rel_err"] == 0
     # restating with another statistic reuses the samples, measures nothing new
-    t2, r2 = P.restate(table, rows, {"sub_blocks": profiled[1], "children": samples}, memory, "min")
+    t2, r2 = additivity.restate(table, rows, {"sub_blocks": profiled[1], "children": samples}, memory, "min")
     assert len(r2) == len(rows) and t2.meta["statistic"] == "min"
     assert all(a["meas_decode_ms"] <= b["meas_decode_ms"] for a, b in zip(r2, rows))
 
 
 def test_cache_ablation_and_rotation(model):
-    rows = P.cache_ablation(model, [P.Scenario(2, 8, 4)], warmup=0, repeats=2, clock="cpu",
+    rows = additivity.cache_ablation(model, [costs.Scenario(2, 8, 4)], warmup=0, repeats=2, clock="cpu",
                             progress=False)
     assert [r["batch"] for r in rows] == [2]
     for k in ("meas_decode_ms", "pred_hot_ms", "pred_rotated_ms"):
         assert rows[0][k] > 0
     # copies touch as many bytes as one parent step, capped at twice the last-level cache
-    assert P.rotation_copies(100, 1000, 10**6) == 10
-    assert P.rotation_copies(100, 10**9, 1000) == 20
-    assert P.rotation_copies(0, 1000, None) == 1 and P.rotation_copies(10**9, 1000, None) == 1
+    assert timing.rotation_copies(100, 1000, 10**6) == 10
+    assert timing.rotation_copies(100, 10**9, 1000) == 20
+    assert timing.rotation_copies(0, 1000, None) == 1 and timing.rotation_copies(10**9, 1000, None) == 1
     calls = []
-    bench = P.rotating([P.Bench(lambda a, i=i: calls.append(i)) for i in range(3)])
+    bench = timing.rotating([timing.Bench(lambda a, i=i: calls.append(i)) for i in range(3)])
     calls.clear()
     bench.fn(bench.prepare())
     # the timed call (last) reuses copy 0 after the other copies ran: a steady cycle, as in a model
-    assert calls == [0, 1, 2] * P.ROTATION_CYCLES + [0]
+    assert calls == [0, 1, 2] * timing.ROTATION_CYCLES + [0]
 
 
 def test_bigger_blocks_cost_more_on_one_core():
@@ -254,7 +260,7 @@ def test_bigger_blocks_cost_more_on_one_core():
     torch.manual_seed(0)
     big = PuzzleForCausalLM(tiny_config(hidden_size=256, intermediate_size=1024,
                                         num_hidden_layers=1, num_attention_heads=8)).eval()
-    t = P.profile_model(big, [P.Scenario(4, 64, 4)], warmup=1, repeats=5, progress=False,
+    t = benches.profile_model(big, [costs.Scenario(4, 64, 4)], warmup=1, repeats=5, progress=False,
                         clock="cpu")
     assert t.cost(0, "ffn:1.00", "prefill_ms", 4) > 1.5 * t.cost(0, "ffn:0.25", "prefill_ms", 4)
     assert t.cost(0, "ffn:0.25", "prefill_ms", 4) > 5 * t.cost(0, "ffn:noop", "prefill_ms", 4)
@@ -264,31 +270,31 @@ def test_bigger_blocks_cost_more_on_one_core():
 
 def test_bad_scenarios_devices_and_lookups(model, profiled):
     table, _ = profiled
-    with pytest.raises(P.ProfilingError, match="batch size must be >= 1"):
-        P.Scenario(0, 8, 4).check()
-    with pytest.raises(P.ProfilingError, match="exceeds the model's max_position_embeddings=128.*"
+    with pytest.raises(timing.ProfilingError, match="batch size must be >= 1"):
+        costs.Scenario(0, 8, 4).check()
+    with pytest.raises(timing.ProfilingError, match="exceeds the model's max_position_embeddings=128.*"
                                                "profile_prompt_len"):
-        P.profile_model(model, [P.Scenario(1, 100, 40)], progress=False)
-    with pytest.raises(P.ProfilingError, match="profile_batch_sizes"):
-        P.parse_batch_sizes("2,x")
-    with pytest.raises(P.ProfilingError, match="unknown device 'tpu'"):
-        P.resolve_device("tpu")
+        benches.profile_model(model, [costs.Scenario(1, 100, 40)], progress=False)
+    with pytest.raises(timing.ProfilingError, match="profile_batch_sizes"):
+        costs.parse_batch_sizes("2,x")
+    with pytest.raises(timing.ProfilingError, match="unknown device 'tpu'"):
+        timing.resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(P.ProfilingError, match="no CUDA device.*device='cpu'"):
-            P.resolve_device("cuda")
-    with pytest.raises(P.ProfilingError, match="on a GPU set profile_clock='wall'"):
-        P.check_clock("cpu", torch.device("cuda"), 1)
-    with pytest.raises(P.ProfilingError, match="needs one intra-op thread"):
-        P.check_clock("cpu", torch.device("cpu"), 2)
-    with pytest.raises(P.ProfilingError, match="not profiled at layer 0; profiled: attn:kv2"):
+        with pytest.raises(timing.ProfilingError, match="no CUDA device.*device='cpu'"):
+            timing.resolve_device("cuda")
+    with pytest.raises(timing.ProfilingError, match="on a GPU set profile_clock='wall'"):
+        timing.check_clock("cpu", torch.device("cuda"), 1)
+    with pytest.raises(timing.ProfilingError, match="needs one intra-op thread"):
+        timing.check_clock("cpu", torch.device("cpu"), 2)
+    with pytest.raises(timing.ProfilingError, match="not profiled at layer 0; profiled: attn:kv2"):
         table.cost(0, "attn:kv4", "params")
-    with pytest.raises(P.ProfilingError, match="batch size 8 was not profiled"):
+    with pytest.raises(timing.ProfilingError, match="batch size 8 was not profiled"):
         table.cost(0, "attn:kv2", "decode_ms", 8)
-    with pytest.raises(P.ProfilingError, match="depends on the batch size"):
+    with pytest.raises(timing.ProfilingError, match="depends on the batch size"):
         table.predict(table.parent_choices(), "decode_ms")
-    with pytest.raises(P.ProfilingError, match="one .attention, ffn. pair per layer"):
+    with pytest.raises(timing.ProfilingError, match="one .attention, ffn. pair per layer"):
         table.predict([("attn:kv2", "ffn:1.00")], "params")
-    with pytest.raises(P.ProfilingError, match="unknown metric"):
+    with pytest.raises(timing.ProfilingError, match="unknown metric"):
         table.fixed("flops")
     for bad in ({"device": "tpu"}, {"profile_batch_sizes": "0,4"}, {"profile_batch_sizes": "-1"},
                 {"profile_prompt_len": 0}, {"profile_repeats": 0}, {"profile_clock": "gpu"}):
@@ -335,7 +341,7 @@ def test_stage_writes_reuses_and_refuses(tmp_path):
         if bad.get("device") == "cuda" and torch.cuda.is_available():
             continue
         before = (res.dir / "costs.csv").read_bytes()
-        with pytest.raises(P.ProfilingError, match=needle):
+        with pytest.raises(timing.ProfilingError, match=needle):
             P.run(cfg.replace(**bad), progress=False)
         assert (res.dir / "costs.csv").read_bytes() == before  # nothing overwritten
 
@@ -355,11 +361,11 @@ def test_an_imported_cost_table_is_checked_then_used_as_measured(tmp_path):
     assert not imp.reused
     assert (imp.dir / "costs.csv").read_bytes() == (src / "costs.csv").read_bytes()
     assert imp.metrics["costs_imported_from"] == str(src / "costs.csv")
-    assert imp.metrics["costs_sha256"] == P.file_sha256(src / "costs.csv")
+    assert imp.metrics["costs_sha256"] == rundir.file_sha256(src / "costs.csv")
     assert imp.scenarios["imported_from"]["path"] == str(src / "costs.csv")
     assert imp.samples["sub_blocks"] == measured.samples["sub_blocks"]  # restate still works
     assert len(imp.additivity) == len(measured.additivity)  # measured here, against the import
-    P.restate(imp.costs, imp.additivity, imp.samples, imp.samples["memory"], "p10")
+    additivity.restate(imp.costs, imp.additivity, imp.samples, imp.samples["memory"], "p10")
     before = (imp.dir / "costs.csv").read_bytes()
     damaged = tmp_path / "other" / "costs.csv"
     damaged.parent.mkdir()
@@ -369,6 +375,6 @@ def test_an_imported_cost_table_is_checked_then_used_as_measured(tmp_path):
                          ({"profile_costs_from": str(src), "profile_batch_sizes": "1"}, "profile_batch_sizes"),
                          ({"profile_costs_from": str(src), "profile_statistic": "p10"}, "profile_statistic='median'"),
                          ({"profile_costs_from": str(damaged)}, r"attn:kv1 has params=1\d+ \(this parent")):
-        with pytest.raises(P.ProfilingError, match=needle):
+        with pytest.raises(timing.ProfilingError, match=needle):
             P.run(cfg.replace(**over), progress=False)
         assert (imp.dir / "costs.csv").read_bytes() == before  # nothing overwritten

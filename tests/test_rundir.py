@@ -9,13 +9,8 @@ import time
 import pytest
 
 from puzzlelib.core.config import RunConfig
-from puzzlelib.core.rundir import (
-    NOTEBOOKS,
-    STAGES,
-    UPSTREAM,
-    RunDir,
-    StageLocked,
-    StageNotReady,
+from puzzlelib.core.rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, StageLocked, StageNotReady
+from puzzlelib.core.atomic import (
     atomic_dir,
     atomic_path,
     atomic_write_bytes,

@@ -19,12 +19,16 @@ import torch
 from puzzlelib.bld import stage as bld
 
 from puzzlelib.scoring import stage as scoring
+from puzzlelib.scoring import interactions
+from puzzlelib.scoring import prefix_scoring
+from puzzlelib.scoring import score_table
 from puzzlelib.core.blocks import init_variant, list_library, parse_variant
 from puzzlelib.core.config import ConfigError, RunConfig
 from puzzlelib.core.export import save_checkpoint
 from puzzlelib.bld.library import Library, LibraryMismatch
-from puzzlelib.core.model import PuzzleForCausalLM
-from puzzlelib.core.rundir import RunDir, StageNotReady, atomic_write_json
+from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
+from puzzlelib.core.rundir import RunDir, StageNotReady
+from puzzlelib.core.atomic import atomic_write_json
 from conftest import tiny_config
 
 PAIR = "attn:kv1+ffn:0.50"
@@ -67,14 +71,14 @@ def same_rows(a: list[dict], b: list[dict]) -> bool:
 def scored():
     torch.manual_seed(0)
     parent = PuzzleForCausalLM(tiny_config()).eval()
-    cands = scoring.blocks_candidates(perturbed_blocks(parent))
+    cands = prefix_scoring.blocks_candidates(perturbed_blocks(parent))
     batches = batches_of()
-    return parent, cands, batches, scoring.score_candidates(parent, cands, batches, progress=False)
+    return parent, cands, batches, prefix_scoring.score_candidates(parent, cands, batches, progress=False)
 
 
 def test_prefix_cached_scores_equal_naive_full_forward(scored):
     parent, cands, batches, cached = scored
-    naive = scoring.score_naive(parent, cands, batches)
+    naive = prefix_scoring.score_naive(parent, cands, batches)
     assert [(r["layer"], r["variant"]) for r in naive.rows] == [(r["layer"], r["variant"]) for r in cached.rows]
     assert {r["sub_block"] for r in cached.rows} == {"attn", "ffn", "pair"}
     for a, b in zip(cached.rows, naive.rows):
@@ -102,27 +106,27 @@ def test_parent_blocks_score_zero_and_noop_scores_positive(scored):
 
 def test_scores_are_deterministic(scored):
     parent, cands, batches, first = scored
-    again = scoring.score_candidates(parent, cands, batches, progress=False)
+    again = prefix_scoring.score_candidates(parent, cands, batches, progress=False)
     assert same_rows(again.rows, first.rows)
 
 
 def test_candidate_choices_and_parent_names(tiny_parent):
     pc = tiny_parent.config
-    assert scoring.parent_choices(pc) == [("attn:kv2", "ffn:1.00")] * 2
-    c = scoring.Candidate(1, PAIR)
+    assert prefix_scoring.parent_choices(pc) == [("attn:kv2", "ffn:1.00")] * 2
+    c = prefix_scoring.Candidate(1, PAIR)
     assert c.sub_block == "pair" and not c.is_parent(pc)
     assert c.choices(pc) == [("attn:kv2", "ffn:1.00"), ("attn:kv1", "ffn:0.50")]
-    assert scoring.Candidate(0, "ffn:1.00").is_parent(pc)
-    with pytest.raises(scoring.ScoringError, match="out of range"):
-        scoring.score_candidates(tiny_parent, [scoring.Candidate(2, "attn:kv1", load=dict)],
+    assert prefix_scoring.Candidate(0, "ffn:1.00").is_parent(pc)
+    with pytest.raises(score_table.ScoringError, match="out of range"):
+        prefix_scoring.score_candidates(tiny_parent, [prefix_scoring.Candidate(2, "attn:kv1", load=dict)],
                                  batches_of(), progress=False)
-    with pytest.raises(scoring.ScoringError, match="no held-out batch"):
-        scoring.score_candidates(tiny_parent, [], [], progress=False)
+    with pytest.raises(score_table.ScoringError, match="no held-out batch"):
+        prefix_scoring.score_candidates(tiny_parent, [], [], progress=False)
 
 
 def test_score_table_api_and_csv_round_trip(scored, tmp_path):
     parent, cands, batches, cached = scored
-    table = scoring.ScoreTable(cached.rows)
+    table = score_table.ScoreTable(cached.rows)
     assert table.num_layers == 2 and table.sources == ["bld"]
     assert table.variants(0, "attn") == ["attn:kv1", "attn:kv2", "attn:linear", "attn:noop"]
     assert table.variants(1, "pair") == [PAIR]
@@ -131,37 +135,37 @@ def test_score_table_api_and_csv_round_trip(scored, tmp_path):
         r["lm_loss"] for r in cached.rows if r["layer"] == 1 and r["variant"] == "ffn:0.50")
     names, mat = table.score_matrix("ffn")
     assert mat.shape == (2, len(names)) and not np.isnan(mat).any()
-    assert table.parent_choices() == scoring.parent_choices(parent.config)
+    assert table.parent_choices() == prefix_scoring.parent_choices(parent.config)
     child = [("attn:kv1", "ffn:0.25"), ("attn:kv2", "ffn:noop")]
     assert table.predict(child) == pytest.approx(table.score(0, "attn:kv1") + table.score(0, "ffn:0.25")
                                                  + table.score(1, "ffn:noop"))
     table.to_csv(tmp_path / "s.csv")
-    back = scoring.ScoreTable.from_csv(tmp_path / "s.csv")
+    back = score_table.ScoreTable.from_csv(tmp_path / "s.csv")
     assert same_rows(back.to_rows(), table.to_rows())  # repr-exact floats, typed columns
     # Stage 04 asks for what its cost table lists: a variant the library lacks is a clear error.
-    with pytest.raises(scoring.ScoringError, match=r"ffn:0.30.*bld_ffn_fractions.*02_bld"):
+    with pytest.raises(score_table.ScoringError, match=r"ffn:0.30.*bld_ffn_fractions.*02_bld"):
         table.score(0, "ffn:0.30")
-    with pytest.raises(scoring.ScoringError, match=r"1 \(layer, variant\) pairs listed in the cost "
+    with pytest.raises(score_table.ScoringError, match=r"1 \(layer, variant\) pairs listed in the cost "
                                                    r"table have no score.*\(1, 'attn:kv4'\)"):
         table.require([(0, "attn:kv1"), (1, "attn:kv4")])
-    with pytest.raises(scoring.ScoringError, match="unknown metric"):
+    with pytest.raises(score_table.ScoringError, match="unknown metric"):
         table.score(0, "attn:kv1", "accuracy")
-    with pytest.raises(scoring.ScoringError, match="no 'init' scores"):
+    with pytest.raises(score_table.ScoringError, match="no 'init' scores"):
         table.score(0, "attn:kv1", source="init")
 
 
 def test_interaction_children_span_mild_to_severe(scored):
     parent, cands, batches, cached = scored
-    table = scoring.ScoreTable([r for r in cached.rows if r["sub_block"] != "pair"])
-    kids = scoring.interaction_children(table, 5, seed=3)
-    assert kids == scoring.interaction_children(table, 5, seed=3)
-    assert kids != scoring.interaction_children(table, 5, seed=4)
+    table = score_table.ScoreTable([r for r in cached.rows if r["sub_block"] != "pair"])
+    kids = interactions.interaction_children(table, 5, seed=3)
+    assert kids == interactions.interaction_children(table, 5, seed=3)
+    assert kids != interactions.interaction_children(table, 5, seed=4)
     base = table.parent_choices()
     n = [sum(v != b for p, q in zip(k, base) for v, b in zip(p, q)) for k in kids]
     assert n[0] == 1 and n[-1] == 2 and n == sorted(n)  # 1 .. L replaced sub-blocks
-    assert scoring.spearman([1, 2, 3, 4], [10, 20, 25, 100]) == 1.0
-    assert scoring.spearman([1, 2, 3], [3, 2, 1]) == -1.0
-    assert scoring.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert interactions.spearman([1, 2, 3, 4], [10, 20, 25, 100]) == 1.0
+    assert interactions.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    assert interactions.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------ stage level
@@ -228,7 +232,7 @@ def test_stage_artifacts_table_and_metrics(stage):
     assert all(r["tokens"] == 1024 for r in t.rows)
     # BLD's own measurements travel with the scores.
     assert t.score(0, "ffn:0.25", "nmse") == lib.record(0, "ffn:0.25")["final_nmse"]
-    assert scoring.ScoreTable.from_csv(res.dir / "scores.csv").to_rows() == t.to_rows()
+    assert score_table.ScoreTable.from_csv(res.dir / "scores.csv").to_rows() == t.to_rows()
     m = res.metrics
     assert m["parent_blocks_max_kl"] == 0.0 and m["tokens_scored"] == 1024
     assert m["naive_check"]["candidates"] == 3 and m["naive_check"]["max_abs_diff_kl"] <= 1e-5
@@ -275,14 +279,14 @@ def test_library_of_another_parent_is_refused(stage):
     with pytest.raises(LibraryMismatch, match=r"03_scoring cannot score.*another parent"):
         scoring.open_library(bres.library_dir, other)
     with pytest.raises(LibraryMismatch, match="another parent"):
-        scoring.library_candidates(other, Library.open(bres.library_dir))
+        prefix_scoring.library_candidates(other, Library.open(bres.library_dir))
 
 
 def test_bad_heldout_and_config_are_clear_errors(tmp_path):
     cfg = make_config(tmp_path)
-    with pytest.raises(scoring.ScoringError, match=r"held-out set has 0 tokens.*heldout_fraction"):
+    with pytest.raises(score_table.ScoringError, match=r"held-out set has 0 tokens.*heldout_fraction"):
         scoring.heldout_batches(np.zeros(0, np.uint16), cfg)
-    with pytest.raises(scoring.ScoringError, match="fewer than one sequence"):
+    with pytest.raises(score_table.ScoringError, match="fewer than one sequence"):
         scoring.heldout_batches(np.zeros(32, np.uint16), cfg)
     assert len(scoring.heldout_batches(np.zeros(33, np.uint16), cfg)) == 1
     with pytest.raises(ConfigError, match="scoring_tokens must cover at least one sequence"):
@@ -292,7 +296,7 @@ def test_bad_heldout_and_config_are_clear_errors(tmp_path):
     # A run whose held-out split is shorter than a sequence: refused before any 03 artifact.
     short = make_config(tmp_path / "short")
     make_parent_stage(short, heldout=20)
-    with pytest.raises(scoring.ScoringError, match="held-out set has 20 tokens"):
+    with pytest.raises(score_table.ScoringError, match="held-out set has 20 tokens"):
         scoring.run(short, progress=False)
     assert not (tmp_path / "short" / "t" / "03_scoring").exists()
 

@@ -13,10 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from puzzlelib.search import baselines, stage as search
+from puzzlelib.search import baselines, mip, stage as search
 from puzzlelib.core.config import ConfigError, RunConfig
-from puzzlelib.profiling.stage import CostTable, Scenario
-from puzzlelib.search.stage import Budget, ChildSpec, InfeasibleBudget, Option, Problem, Searcher
+from puzzlelib.profiling.costs import CostTable, Scenario
+from puzzlelib.search.mip import Budget, InfeasibleBudget, Option, Problem
+from puzzlelib.search.stage import ChildSpec, Searcher
 
 try:
     import gurobipy  # noqa: F401
@@ -144,7 +145,7 @@ def test_gurobi_licence_limit_falls_back_to_highs_with_the_reason():
         pytest.skip(f"this gurobipy licence ({gp.gurobi.version()}) admits 2240 variables")
     assert spec.solver["solver"].startswith("highs")
     assert "10010" in spec.solver["fallback_reason"] and "2240 variables" in spec.solver["fallback_reason"]
-    with pytest.raises(search.SearchError, match="search_solver='auto'"):
+    with pytest.raises(mip.SearchError, match="search_solver='auto'"):
         Searcher(p, Budget(min_speedup=1.5), solver="gurobi").best()
 
 
@@ -152,8 +153,8 @@ def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):
     p = make_problem(L=3, seed=0)
     from puzzlelib.search import mip
 
-    monkeypatch.setattr(mip, "solve", lambda *a, **k: search.Solved("time_limit", None, None, "fake", 1.0))
-    with pytest.raises(search.SearchError, match="search_time_limit_s") as e:
+    monkeypatch.setattr(mip, "solve", lambda *a, **k: mip.Solved("time_limit", None, None, "fake", 1.0))
+    with pytest.raises(mip.SearchError, match="search_time_limit_s") as e:
         Searcher(p, Budget(min_speedup=1.2)).best()
     assert not isinstance(e.value, InfeasibleBudget)
 
@@ -259,14 +260,14 @@ def test_baselines_meet_the_same_budget(seed):
     p = make_problem(L=6, n_attn=4, n_ffn=5, pairs=1, seed=seed)
     s = Searcher(p, Budget(min_speedup=1.5, max_params=0.8 * p.total(p.parent, "params", 1)),
                  solver="highs", gap=0.0)
-    mip = s.best()
+    mip_spec = s.best()
     influence = list(np.random.default_rng(seed).random(6))
     base, _ = baselines.all_baselines(s, influence, seed=seed, tries=500)
     for name, spec in base.items():
         if spec is None:
             continue
         assert spec.method == name and all(c["ok"] for c in spec.checks.values()), (name, spec.checks)
-        assert spec.predicted["score"] >= mip.predicted["score"] - 1e-9  # the MIP is optimal
+        assert spec.predicted["score"] >= mip_spec.predicted["score"] - 1e-9  # the MIP is optimal
     u = base["uniform"]
     if u is not None:
         assert len(set(u.choices)) == 1 and not any(n.endswith((":noop", ":linear")) for n in u.choices[0])
@@ -291,13 +292,13 @@ def test_sweep_and_pareto_rows():
     p = make_problem(L=4, n_attn=3, n_ffn=4, pairs=1, seed=2)
     s = Searcher(p, Budget(min_speedup=1.2), solver="highs", gap=0.0)
     rows = s.pareto([1.2, 1.8, 100.0], progress=False) + baselines.sweep(s, [0.1, 0.2, 0.3, 0.4], [1.2, 1.8])
-    mip = [r for r in rows if r["method"] == "mip"]
-    assert [r["feasible"] for r in mip] == [True, True, False]
-    assert mip[0]["score"] <= mip[1]["score"]  # a harder target never scores better
+    mip_rows = [r for r in rows if r["method"] == "mip"]
+    assert [r["feasible"] for r in mip_rows] == [True, True, False]
+    assert mip_rows[0]["score"] <= mip_rows[1]["score"]  # a harder target never scores better
     for r in rows:
         if r["feasible"]:
             assert r["speedup"] >= r["target_speedup"] * (1 - 1e-6)
-            best = next(m for m in mip if m["target_speedup"] == r["target_speedup"])
+            best = next(m for m in mip_rows if m["target_speedup"] == r["target_speedup"])
             assert r["score"] >= best["score"] - 1e-9
 
 
@@ -345,7 +346,7 @@ def test_build_problem_from_cost_and_score_tables():
                                                         ("attn:noop", 4.5), ("ffn:1.00", 3.0), ("ffn:0.50", 3.3),
                                                         ("ffn:linear", 4.0), ("ffn:noop", 5.0),
                                                         ("attn:kv1+ffn:0.50", 3.25))}
-    p = search.build_problem(costs, scores, "lm_loss", parent_value=3.0, exclude_ops=("linear",))
+    p = mip.build_problem(costs, scores, "lm_loss", parent_value=3.0, exclude_ops=("linear",))
     lay = p.layers[0]
     assert [o.name for o in lay["attn"]] == ["attn:kv2", "attn:kv1", "attn:noop"]
     assert [o.name for o in lay["ffn"]] == ["ffn:1.00", "ffn:0.50", "ffn:noop"]  # 0.875: profiled, not scored
@@ -362,7 +363,7 @@ def test_build_problem_from_cost_and_score_tables():
     assert ev["memory_bytes"] == pytest.approx(pred["memory_bytes"]) and ev["params"] == pred["params"]
     # higher-is-better metrics are negated: agreement 0.9 -> degradation 0.1
     agree = {k: 1.0 - (v - 3.0) / 10 for k, v in scores.items()}
-    q = search.build_problem(costs, agree, "top1_agreement", parent_value=1.0)
+    q = mip.build_problem(costs, agree, "top1_agreement", parent_value=1.0)
     assert q.option(0, "attn:kv1").score == pytest.approx(0.02)
 
 
@@ -397,8 +398,9 @@ def stages(tmp_path_factory):
 
     from puzzlelib.scoring import stage as scoring
     from puzzlelib.core.export import save_checkpoint
-    from puzzlelib.core.model import PuzzleForCausalLM
-    from puzzlelib.core.rundir import RunDir, atomic_write_json
+    from puzzlelib.core.modeling_decilm import PuzzleForCausalLM
+    from puzzlelib.core.rundir import RunDir
+    from puzzlelib.core.atomic import atomic_write_json
 
     cfg = pipeline_cfg(tmp_path_factory.mktemp("pipe"))
     torch.manual_seed(0)

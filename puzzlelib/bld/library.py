@@ -41,7 +41,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..core.rundir import atomic_path, atomic_write_json, cached_sha256, file_sha256, remember_sha256
+from ..core.atomic import atomic_path, atomic_write_json
+from ..core.rundir import cached_sha256, file_sha256, remember_sha256
 
 FORMAT = 1
 INDEX = "index.json"

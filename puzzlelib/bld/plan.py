@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..core.blocks import Variant, VariantError, list_library, parse_variant
 from ..core.config import RunConfig
 from .library import pair_name, split_pair_name
-from ..core.model import PuzzleConfig
+from ..core.configuration_decilm import PuzzleConfig
 
 STAGE = "02_bld"
 

@@ -59,8 +59,8 @@ multi-node launch details (torchrun's own flags handle them).
 Code layout: the job plan (``BLDSettings``, ``Job``, ``plan``, ``assign``, ``BLDError``) is in
 ``bld_plan.py``; the parent's streamed activations and the training of one block (``Streams``,
 ``ParentStreamer``, ``train_block``, ``train_blocks``, ``nmse``) are in ``bld_train.py``. This
-module holds the stage's entry points (``run``, ``load``, ``main``) and its metrics, and
-re-exports those modules' public names, so ``bld.plan`` or ``bld.train_blocks`` keep working.
+module holds the stage's entry points (``run``, ``load``, ``main``) and its metrics; import the
+other names from the module that defines them (docs/modules.md).
 """
 
 from __future__ import annotations
@@ -80,24 +80,13 @@ from ..core import data, precision
 from ..parent import stage as parent_stage
 from .plan import STAGE, BLDError, BLDSettings, Job, assign, plan
 
-# Re-exported (hence noqa: F401): notebooks, tests and benchmarks use these as ``bld.<name>``.
-from .train import (  # noqa: F401
-    ParentStreamer,
-    Streams,
-    block_tensors,
-    evaluate,
-    job_module,
-    nmse,
-    probe_step,
-    sub_out,
-    train_block,
-    train_blocks,
-)
+from .train import probe_step, train_blocks
 from ..core.blocks import ffn_channel_scores
 from ..core.config import RunConfig
 from ..core.distributed import Dist, stage_main
 from .library import Library, LibraryMismatch, parent_fingerprint
-from ..core.rundir import RunDir, atomic_write_json
+from ..core.rundir import RunDir
+from ..core.atomic import atomic_write_json
 
 # ---------------------------------------------------------------------------------- the stage
 

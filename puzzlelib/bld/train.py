@@ -36,7 +36,8 @@ from ..core import data, precision
 from .plan import BLDSettings, Job
 from ..core.blocks import Variant, init_variant
 from .library import Library
-from ..core.model import PuzzleConfig, child_config
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.model import child_config
 from ..core.modeling_decilm import PuzzleDecoderLayer
 from ..parent.stage import lr_at, make_optimizer
 

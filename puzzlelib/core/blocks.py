@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .configuration_decilm import PuzzleConfig
-from .model import PuzzleForCausalLM, child_config
+from .modeling_decilm import PuzzleForCausalLM
+from .model import child_config
 
 # The paper's FFN menu for Llama-70B (fractions of the parent width; 1.00 is the parent's own).
 DEFAULT_FFN_FRACTIONS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1)

@@ -16,12 +16,10 @@ Leaves out: the named presets (`presets.py`), the per-field type coercion and ra
 (`validation.py`), what the fields *mean* to the algorithms (each stage module reads its own
 fields), and whether a local corpus path exists (that depends on the working directory the
 notebooks run in; `data.py` checks it, and the runner checks it before starting any notebook).
-`PRESETS`, `MIN_VOCAB_SIZE` and `RUN_NAME_PATTERN` are re-exported here, so
-`from puzzlelib.core.config import PRESETS` keeps working.
 
 Adding a field is one line in `RunConfig`, e.g.
     bld_lr: float = _f(3e-4, "02_bld")  # AdamW peak learning rate for each (layer, variant) job
-plus, if it has a valid range, one line in `_range_errors` (`validation.py`).
+plus, if it has a valid range, one line in `range_errors` (`validation.py`).
 
 Strings from the command line (`--set key=value`) are converted by `parse_set_args` to the field's
 type. Booleans there accept true/false, yes/no, on/off, 1/0 (any case). Values given in Python or
@@ -38,19 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_json
 from .presets import PRESETS
-from .validation import (  # noqa: F401  (the two constants are re-exported, unused here)
-    MIN_VOCAB_SIZE,
-    RUN_NAME_PATTERN,
-    _coerce,
-    _range_errors,
-    _suggest,
-    _type_word,
-    _auto_base,
-    _unwrap,
-)
+from .validation import coerce_value, range_errors, did_you_mean, type_word, auto_base, unwrap_optional
 
-# The pipeline stages in execution order; rundir.py re-exports this as STAGES.
+# The pipeline stages in execution order (rundir.STAGES is this as a list).
 PIPELINE_STAGES = (
     "00_parent", "01_profiling", "02_bld", "03_scoring", "04_search", "05_gkd", "06_evaluation",
 )
@@ -250,13 +240,13 @@ class RunConfig:
         errors = []
         hints = _field_types()
         for f in dataclasses.fields(self):
-            value, error = _coerce(f.name, getattr(self, f.name), hints[f.name])
+            value, error = coerce_value(f.name, getattr(self, f.name), hints[f.name])
             if error:
                 errors.append(error)
             else:
                 object.__setattr__(self, f.name, value)
         if not errors:
-            errors = _range_errors(self)
+            errors = range_errors(self)
         if errors:
             raise ConfigError("invalid run config:\n  - " + "\n  - ".join(errors))
 
@@ -268,7 +258,7 @@ class RunConfig:
         """Defaults <- PRESETS[preset] <- overrides <- run_name. run_name defaults to the preset
         name, so `--preset smoke` and `--preset default` never share a run directory."""
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}{_suggest(preset, PRESETS)}. "
+            raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, PRESETS)}. "
                               f"Available presets: {', '.join(PRESETS)}.")
         overrides = parse_overrides(overrides)
         _check_keys(overrides, "overrides")
@@ -299,9 +289,6 @@ class RunConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        # Imported here: rundir imports this module, and the atomic helpers live there.
-        from .rundir import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
@@ -373,6 +360,13 @@ def project_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
+def default_repo_root() -> Path:
+    """The project folder (:func:`project_root`: the one holding notebooks/, also from inside
+    notebooks/ or student/), else the checkout this package lives in."""
+    root = project_root()
+    return root if (root / "notebooks").is_dir() else Path(__file__).resolve().parents[2]
+
+
 def resolve_path(path: str | Path) -> Path:
     """``path`` made absolute against :func:`project_root` (``~`` expanded)."""
     p = Path(path).expanduser()
@@ -389,18 +383,18 @@ def parse_set_args(args: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {arg!r} (e.g. --set seq_len=128)")
         _check_keys({key}, "--set")
-        base, optional = _unwrap(types_[key])
+        base, optional = unwrap_optional(types_[key])
         if optional and text.strip().lower() in ("none", "null"):
             out[key] = None
             continue
-        auto = _auto_base(types_[key]) is not None
+        auto = auto_base(types_[key]) is not None
         if auto and text.strip().lower() == "auto":
             out[key] = "auto"
             continue
         try:
             out[key] = _parse_text(text.strip(), base)
         except ValueError:
-            raise ConfigError(f"--set {arg}: {key} expects {_type_word(base)}"
+            raise ConfigError(f"--set {arg}: {key} expects {type_word(base)}"
                               f"{' or auto' if auto else ''}, got {text!r}") from None
     return out
 
@@ -466,12 +460,12 @@ def _check_keys(keys: Any, where: str) -> None:
     valid = [f.name for f in dataclasses.fields(RunConfig)]
     unknown = [k for k in keys if k not in valid]
     if unknown:
-        parts = [f"{k!r}{_suggest(str(k), valid)}" for k in unknown]
+        parts = [f"{k!r}{did_you_mean(str(k), valid)}" for k in unknown]
         raise ConfigError(f"unknown config key(s) in {where}: {', '.join(parts)}. "
                           f"Valid keys: {', '.join(valid)}")
 
 
 def _check_stage(stage: str) -> None:
     if stage not in STAGE_TAGS:
-        raise ConfigError(f"unknown stage {stage!r}{_suggest(str(stage), STAGE_TAGS)}; "
+        raise ConfigError(f"unknown stage {stage!r}{did_you_mean(str(stage), STAGE_TAGS)}; "
                           f"stages: {', '.join(STAGE_TAGS)}")

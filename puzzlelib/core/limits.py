@@ -1,6 +1,6 @@
 """Limits up front: refuse sizes that cannot fit this machine's memory before any work starts.
 
-What it does: `memory_errors(cfg)` (called by `validation._range_errors`, so `show-config`, `run`
+What it does: `memory_errors(cfg)` (called by `validation.range_errors`, so `show-config`, `run`
 and every notebook refuse such a config with exit code 2 before anything is written) estimates a
 *lower bound* on the bytes each stage of an embedded-parent run must hold at once, and compares
 the largest with the memory of the device that holds it:

@@ -1,9 +1,10 @@
-"""The kit's model API: PuzzleConfig / PuzzleForCausalLM, Auto-class registration, parent loading.
+"""The kit's model API: Auto-class registration, parent loading and conversion, child configs.
 
 What it does:
-* re-exports the heterogeneous decoder (defined in the self-contained ``configuration_decilm`` /
-  ``modeling_decilm`` files that export copies into checkpoints) and registers it with
-  ``AutoConfig`` / ``AutoModelForCausalLM`` under ``model_type = "nemotron-nas"`` on import;
+* registers the heterogeneous decoder (``PuzzleConfig`` in ``configuration_decilm``,
+  ``PuzzleForCausalLM`` / ``PuzzleCache`` in ``modeling_decilm``: the self-contained files that
+  export copies into checkpoints; import them from there) with ``AutoConfig`` /
+  ``AutoModelForCausalLM`` under ``model_type = "nemotron-nas"`` on import;
 * converts a Hugging Face Llama-layout parent (``LlamaForCausalLM``; Qwen2 and Mistral configs
   with the same layout) into a ``PuzzleForCausalLM`` whose every block is the parent's, with
   identical logits;
@@ -27,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .configuration_decilm import PuzzleConfig, parent_block_config
-from .modeling_decilm import PuzzleCache, PuzzleForCausalLM
+from .modeling_decilm import PuzzleForCausalLM
 
 AutoConfig.register(PuzzleConfig.model_type, PuzzleConfig, exist_ok=True)
 AutoModelForCausalLM.register(PuzzleConfig, PuzzleForCausalLM, exist_ok=True)
@@ -38,9 +39,6 @@ SUPPORTED_PARENT_TYPES = ("llama", "mistral", "qwen2")
 
 __all__ = [
     "SUPPORTED_PARENT_TYPES",
-    "PuzzleCache",
-    "PuzzleConfig",
-    "PuzzleForCausalLM",
     "check_parent_dir",
     "child_config",
     "count_params",

@@ -263,7 +263,7 @@ def read_choices(run_root: str | Path) -> dict[str, Any]:
 
 def record(rd, choice: PrecisionChoice) -> None:
     """Keep ``choice`` in runs/<run>/precision.json and in environment.json's ``precision``."""
-    from .rundir import atomic_write_json
+    from .atomic import atomic_write_json
 
     choices = read_choices(rd.root)
     choices[choice.stage] = {"key": rd.config_key(choice.stage), "choice": choice.to_dict()}

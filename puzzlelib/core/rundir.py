@@ -1,4 +1,4 @@
-"""Run directory: layout, stage manifests, freshness checks, stage locks and atomic writes.
+"""Run directory: layout, stage manifests, freshness checks and stage locks.
 
 What it does: owns `runs/<run_name>/` (under `cfg.runs_root`):
 
@@ -17,7 +17,7 @@ sha256, `st.metrics`) or "failed" (the error). A stage function therefore reads:
     if not rd.should_run("02_bld"):          # fresh and not cfg.force
         return load(rd.stage_dir("02_bld"))
     with rd.stage("02_bld") as st:            # refuses if an upstream stage is not fresh
-        ... write files into st.dir with the atomic_* helpers ...
+        ... write files into st.dir with the atomic_* helpers (atomic.py) ...
         st.metrics["loss"] = 0.12
 
 Freshness: a stage is fresh when its manifest says done, its cache key equals the key the
@@ -44,7 +44,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -58,6 +57,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from .atomic import atomic_write_json, json_default
 from .config import PIPELINE_STAGES, RunConfig, resolve_path
 
 STAGES: list[str] = list(PIPELINE_STAGES)
@@ -108,99 +108,6 @@ class StageNotReady(RuntimeError):
 
 class StageLocked(RuntimeError):
     """Another process holds the stage's lock."""
-
-
-# ---- atomic writes ------------------------------------------------------------------------------
-def _tmp_sibling(path: Path, tag: str) -> Path:
-    # Same directory, so os.replace is a rename on one filesystem; leading dot, so artifact
-    # listings skip leftovers of a killed process.
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; durability is best effort
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; if the block succeeds it is renamed onto `path`, if it
-    raises the temp file is removed and `path` is untouched. For writers that want a filename
-    (safetensors.save_file, torch.save, tokenizer.save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path, "tmp")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"atomic_path({path}): the block wrote nothing to {tmp}")
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):  # numpy arrays/scalars, torch tensors
-        return o.tolist()
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serializable; convert it first")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Pretty JSON, written atomically. Serialised *before* the file is opened, so an
-    unserialisable object leaves nothing behind. NaN/inf are written as NaN/Infinity (Python
-    reads them back; strict JSON parsers do not)."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    atomic_write_text(path, text)
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temp name, then rename it onto `path` (replacing an old one).
-    On error the temp directory is deleted and `path` is untouched. Between the two renames of a
-    replacement `path` briefly does not exist; it never exists half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                _fsync(p)
-        if path.exists():
-            old = _tmp_sibling(path, "old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -258,7 +165,7 @@ def _git(repo: Path, *args: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -282,7 +189,7 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
         "executable": sys.executable,
         "platform": platform.platform(),
         "host": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "packages": versions,
@@ -298,7 +205,7 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
         device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
         env["device"] = device
         on_gpu = device == "cuda" and cuda
-        env["device_name"] = torch.cuda.get_device_name(0) if on_gpu else _cpu_model()
+        env["device_name"] = torch.cuda.get_device_name(0) if on_gpu else cpu_model()
         # Decided at run time (precision.py): the thread count, native bf16, and the precision
         # each training stage chose with its probe's timings (kept in precision.json for reruns).
         from .precision import bf16_native, read_choices, threads_record
@@ -617,7 +524,7 @@ class RunDir:
                 yield st
                 # Inside the try: failing to hash or to serialise metrics is a stage failure.
                 artifacts = _list_artifacts(st.dir)
-                json.dumps(st.metrics, default=_json_default)
+                json.dumps(st.metrics, default=json_default)
             except BaseException as exc:  # KeyboardInterrupt too: the manifest must not say running
                 m.update(status="failed", finished=_now(), metrics=_jsonable(st.metrics),
                          seconds=round(time.perf_counter() - t0, 3), error={
@@ -638,7 +545,7 @@ class RunDir:
 
 def _jsonable(metrics: dict[str, Any]) -> Any:
     try:
-        json.dumps(metrics, default=_json_default)
+        json.dumps(metrics, default=json_default)
         return metrics
     except (TypeError, ValueError):
         return {"unserializable": repr(metrics)[:2000]}

@@ -1,9 +1,9 @@
 """Per-field and cross-field checks of a `RunConfig`: type coercion, ranges, did-you-mean.
 
-What it does: `_coerce` converts a value to its field's declared type (1 -> 1.0 for floats,
-2e6 -> 2000000 for ints) or says what type was expected; `_range_errors` (with its per-stage
+What it does: `coerce_value` converts a value to its field's declared type (1 -> 1.0 for floats,
+2e6 -> 2000000 for ints) or says what type was expected; `range_errors` (with its per-stage
 helpers `_bld_errors`, `_search_errors`, `_eval_errors` and `_corpus_errors`) lists every
-out-of-range value with the fix; `_suggest` adds a "did you mean" to an unknown name.
+out-of-range value with the fix; `did_you_mean` adds a "did you mean" to an unknown name.
 `RunConfig.__post_init__` (`config.py`) calls them and raises one `ConfigError` for all errors.
 
 Reads: nothing but the machine's memory size (`limits.memory_errors`: sizes that cannot fit
@@ -40,9 +40,9 @@ MIN_VOCAB_SIZE = 256 + 8
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
-def _unwrap(hint: Any) -> tuple[type, bool]:
+def unwrap_optional(hint: Any) -> tuple[type, bool]:
     """`int | None` -> (int, True); `int` -> (int, False); `bool | str` (a field that also takes
-    "auto", see `_auto_base`) -> (bool, False)."""
+    "auto", see `auto_base`) -> (bool, False)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = typing.get_args(hint)
         rest = [a for a in args if a is not type(None)]
@@ -50,7 +50,7 @@ def _unwrap(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
-def _auto_base(hint: Any) -> type | None:
+def auto_base(hint: Any) -> type | None:
     """For a field typed `X | str` (X not str), X: such a field takes an X or the string "auto"
     (decided at run time, e.g. `threads`, `parent_autocast_bf16`); None for any other field."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -60,25 +60,25 @@ def _auto_base(hint: Any) -> type | None:
     return None
 
 
-def _type_word(base: type) -> str:
+def type_word(base: type) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         base, base.__name__)
 
 
-def _coerce(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
-    auto = _auto_base(hint)
+def coerce_value(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    auto = auto_base(hint)
     if auto is not None:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto", None
-        got, error = (None, "not a string") if isinstance(value, str) else _coerce(name, value, auto)
+        got, error = (None, "not a string") if isinstance(value, str) else coerce_value(name, value, auto)
         if error:
-            return None, (f"{name} expects {_type_word(auto)} or 'auto', got {value!r} "
+            return None, (f"{name} expects {type_word(auto)} or 'auto', got {value!r} "
                           f"({type(value).__name__})")
         return got, None
-    base, optional = _unwrap(hint)
+    base, optional = unwrap_optional(hint)
     if value is None and optional:
         return None, None
-    bad = f"{name} expects {_type_word(base)}, got {value!r} ({type(value).__name__})"
+    bad = f"{name} expects {type_word(base)}, got {value!r} ({type(value).__name__})"
     if base is bool:
         return (value, None) if isinstance(value, bool) else (None, bad)
     if isinstance(value, bool):  # bool is an int subclass; True is not a seq_len
@@ -95,10 +95,10 @@ def _coerce(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
         return None, bad
     if base is str:
         return (value, None) if isinstance(value, str) else (None, bad)
-    raise TypeError(f"RunConfig.{name}: unsupported field type {hint!r}; extend _coerce")
+    raise TypeError(f"RunConfig.{name}: unsupported field type {hint!r}; extend coerce_value")
 
 
-def _range_errors(c: RunConfig) -> list[str]:
+def range_errors(c: RunConfig) -> list[str]:
     """Every out-of-range value, each with the fix. Checked after types are known good."""
     e: list[str] = []
 
@@ -111,11 +111,11 @@ def _range_errors(c: RunConfig) -> list[str]:
         value = getattr(c, f.name)
         if choices and value not in choices:
             e.append(f"{f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                     f"{_suggest(str(value), [str(x) for x in choices])}")  # choices may be ints
+                     f"{did_you_mean(str(value), [str(x) for x in choices])}")  # choices may be ints
     need(re.fullmatch(RUN_NAME_PATTERN, c.run_name) is not None,
          f"run_name {c.run_name!r} is not a safe folder name: use 1-64 of A-Z a-z 0-9 . _ - "
          "starting with a letter or digit (no '/', no spaces), e.g. run_name='smoke-2'")
-    need(c.preset in PRESETS, f"preset {c.preset!r} is unknown{_suggest(c.preset, PRESETS)}; "
+    need(c.preset in PRESETS, f"preset {c.preset!r} is unknown{did_you_mean(c.preset, PRESETS)}; "
          f"available presets: {', '.join(PRESETS)}")
     need(bool(c.runs_root.strip()), "runs_root must not be empty (default 'runs')")
     need(bool(c.reports_root.strip()), "reports_root must not be empty (default 'reports')")
@@ -314,6 +314,6 @@ def _corpus_errors(corpus: str) -> list[str]:
     return []
 
 
-def _suggest(word: str, options: Any) -> str:
+def did_you_mean(word: str, options: Any) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -2,7 +2,7 @@
 
 What: ``EvaluationError``, defined once so that ``evaluation`` (the stage), ``throughput`` (speed
 measurement) and ``report`` (the report files) raise the same class without importing each other;
-``puzzlelib.evaluation.stage`` re-exports it. Reads and writes nothing; holds no logic.
+import it from here. Reads and writes nothing; holds no logic.
 """
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import tasks as T
 from ..core.config import RunConfig, project_root, resolve_path
 from .errors import EvaluationError
-from ..core.rundir import atomic_write_json, atomic_write_text
+from ..core.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # only for the annotation: evaluation imports this module
     from .stage import EvaluationResult
@@ -239,7 +239,7 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
     ``environment.json`` and the headline figure; return the paths."""
     import matplotlib.pyplot as plt
 
-    from .. import plots
+    from . import plots
 
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ What it does (DESIGN.md §1.6):
 Where the parts live: this module is the stage itself (the tasks, lm-eval, the models compared, the
 comparison table and headline, ``run`` / ``load``); ``uncertainty.py`` holds the calibration and
 selective-prediction metrics and the bootstrap interval, ``throughput.py`` the speed measurement,
-``report.py`` the report folder and the README table, ``evaluation_error.py`` the error all of them
-raise. Their public names are re-exported here, so ``evaluation.<name>`` keeps working.
+``report.py`` the report folder and the README table, ``errors.py`` the error all of them
+raise; import each name from the module that defines it (docs/modules.md).
 
 Reads stages 00 (parent, tokenizer, corpus fingerprint), 01 (cost table, scenarios), 02 (library,
 for the children before GKD), 04 (child specs, Pareto front) and 05 (distilled checkpoints).
@@ -57,33 +57,15 @@ from tqdm import tqdm
 from . import tasks as T
 from ..core.config import RunConfig
 from .errors import EvaluationError
-from ..core.model import PuzzleForCausalLM  # importing .model registers "nemotron-nas"
-from .report import (  # noqa: F401  (re-exported: notebook 06 and the tests use them from here)
-    MARKERS,
-    REPORT_FILES,
-    headline_sentence,
-    merge_report,
-    read_report,
-    report_dir,
-    report_environment,
-    results_table,
-    split_report,
-    summary_markdown,
-    update_readme_results,
-    write_report,
-)
-from ..core.rundir import UPSTREAM, RunDir, atomic_write_json
-from .throughput import (  # noqa: F401  (re-exported)
-    CLOCKS,
-    greedy_generate,
-    measure_throughput,
-    predicted_speedups,
-)
-from .uncertainty import (  # noqa: F401  (re-exported)
+from ..core import model as _auto_classes  # noqa: F401  (importing it registers "nemotron-nas" with the Auto classes)
+from ..core.modeling_decilm import PuzzleForCausalLM
+from ..core.rundir import UPSTREAM, RunDir
+from ..core.atomic import atomic_write_json
+from .throughput import measure_throughput, predicted_speedups
+from .uncertainty import (
     aurc,
     bootstrap_retention,
     ece,
-    optimal_aurc,
     reliability,
     risk_coverage,
     softmax,
@@ -322,6 +304,7 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     from ..gkd import stage as gkd
     from ..parent import stage as parent_stage
     from ..profiling import stage as profiling
+    from ..profiling import timing as profiling_timing
     from ..search import stage as search
     from ..core.precision import apply_threads
 
@@ -329,9 +312,9 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     pres = parent_stage.load(cfg)
     built = build_local_tasks(cfg, pres.dir)  # bad sample counts fail here, before any artifact
     prof, sres, gres = profiling.load(cfg), search.load(cfg), gkd.load(cfg)
-    device = profiling.resolve_device(cfg.device)
+    device = profiling_timing.resolve_device(cfg.device)
     speed_threads = profiling.stage_threads(cfg)
-    profiling.check_clock(cfg.profile_clock, device, speed_threads)
+    profiling_timing.check_clock(cfg.profile_clock, device, speed_threads)
     apply_threads(cfg.threads)
     parent_model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(device).eval()
     tokenizer = pres.load_tokenizer()

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import EvaluationError
-from ..core.model import PuzzleCache, PuzzleForCausalLM
+from ..core.modeling_decilm import PuzzleCache, PuzzleForCausalLM
 
 # ------------------------------------------------------------------------------- throughput
 

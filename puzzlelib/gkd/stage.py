@@ -51,9 +51,10 @@ from ..core import data, precision
 from ..core.config import RunConfig
 from ..core.distributed import Dist, stage_main
 from ..core.export import save_checkpoint
-from ..core.model import PuzzleForCausalLM
+from ..core.modeling_decilm import PuzzleForCausalLM
 from ..parent.stage import load_train_state, lr_at, make_optimizer, save_train_state
-from ..core.rundir import RunDir, atomic_write_json
+from ..core.rundir import RunDir
+from ..core.atomic import atomic_write_json
 
 STAGE = "05_gkd"
 
@@ -383,7 +384,8 @@ def _children_from_search(cfg: RunConfig) -> list:
 def _hflm_settings(cfg: RunConfig, pres, tokenizer, parent) -> dict | None:
     """Stage 06's lm-eval settings for the children's README (None, with a note, when stage 06
     could not build its tasks: it will say why itself)."""
-    from ..evaluation.stage import EvaluationError, build_local_tasks, hflm_settings
+    from ..evaluation.errors import EvaluationError
+    from ..evaluation.stage import build_local_tasks, hflm_settings
 
     try:
         built = build_local_tasks(cfg, pres.dir)

@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.config import resolve_path
-from ..core.rundir import atomic_dir, file_sha256
+from ..core.atomic import atomic_dir
+from ..core.rundir import file_sha256
 
 # llama.cpp's architecture names whose tensors transformers maps onto Llama's layout (what
 # model.from_llama converts). Mistral models need no entry: llama.cpp writes them as "llama".

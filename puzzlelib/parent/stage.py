@@ -44,8 +44,11 @@ from ..core import data, precision
 from . import source as parent_source
 from ..core.config import RunConfig
 from ..core.export import load_checkpoint, save_checkpoint, tensors_to_save
-from ..core.model import PuzzleConfig, PuzzleForCausalLM, count_params
-from ..core.rundir import RunDir, atomic_dir, atomic_write_json
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.modeling_decilm import PuzzleForCausalLM
+from ..core.model import count_params
+from ..core.rundir import RunDir
+from ..core.atomic import atomic_dir, atomic_write_json
 
 STAGE = "00_parent"
 

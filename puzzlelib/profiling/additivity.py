@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm  # plain text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from .benches import (
-    _copies,
-    _fill_timings,
-    _fixed_static,
-    _static_costs,
+    own_weight_copies,
+    fill_timings,
+    fixed_static_costs,
+    sub_block_static_costs,
     fixed_model,
     kv_bytes_per_token,
     layer_groups,
@@ -48,13 +48,14 @@ from .benches import (
     sub_block_model,
 )
 from ..core.blocks import Variant, build_child
-from .costs import FIXED, PHASES, SUB_BLOCKS, CostTable, Scenario, _choice_names
-from ..core.model import PuzzleConfig, PuzzleForCausalLM
-from ..core.rundir import atomic_write_text
+from .costs import FIXED, PHASES, SUB_BLOCKS, CostTable, Scenario, choice_names
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.modeling_decilm import PuzzleForCausalLM
+from ..core.atomic import atomic_write_text
 from .timing import (
     ProfilingError,
     Timing,
-    _check_statistic,
+    check_statistic,
     last_level_cache_bytes,
     rotating,
     rotation_copies,
@@ -92,15 +93,15 @@ def cache_ablation(parent: PuzzleForCausalLM, scenarios: Sequence[Scenario], war
         for mode in ("hot", "rotated"):
             for key, v in own.items():
                 m = models[key]
-                st = _static_costs(m, v)
+                st = sub_block_static_costs(m, v)
                 k = 1 if mode == "hot" else rotation_copies(
                     st["weight_bytes"] + s.batch * s.decode_context * st["kv_bytes_per_token"],
                     ws, cache_bytes)
-                b = [sub_block_bench(c, v, s, "decode", gen) for c in _copies(pool, key, m, k)]
+                b = [sub_block_bench(c, v, s, "decode", gen) for c in own_weight_copies(pool, key, m, k)]
                 benches[f"{mode}/{key[0]}/{key[1]}"] = warm_step(b[0]) if mode == "hot" else rotating(b)
-            k = 1 if mode == "hot" else rotation_copies(_fixed_static(fixed)["weight_bytes"], ws,
+            k = 1 if mode == "hot" else rotation_copies(fixed_static_costs(fixed)["weight_bytes"], ws,
                                                         cache_bytes)
-            b = [model_bench(f, s, "decode", gen) for f in _copies(pool, FIXED, fixed, k)]
+            b = [model_bench(f, s, "decode", gen) for f in own_weight_copies(pool, FIXED, fixed, k)]
             benches[f"{mode}/fixed"] = warm_step(b[0]) if mode == "hot" else rotating(b)
         t = time_interleaved(benches, device, warmup, repeats, seed, clock=clock,
                              desc=f"cache ablation b={s.batch}", progress=progress)
@@ -146,7 +147,7 @@ def _rel(pred: float, meas: float) -> float:
 
 def short_spec(child: Sequence[tuple[str, str]]) -> str:
     """'kv2+0.50 | noop+linear | …': a child on one line (prefixes dropped)."""
-    return " | ".join(f"{a.split(':')[1]}+{f.split(':')[1]}" for a, f in _choice_names(child))
+    return " | ".join(f"{a.split(':')[1]}+{f.split(':')[1]}" for a, f in choice_names(child))
 
 
 def _child_key(s: Scenario, phase: str, k: int) -> str:
@@ -230,8 +231,8 @@ def check_additivity(parent: PuzzleForCausalLM, table: CostTable, children: list
     bytes, predicted and measured, their relative errors, and the speed-up versus the parent
     predicted and measured — and the measured memory per model. Model 0 is the parent.
     """
-    _check_statistic(statistic)
-    specs = [table.parent_choices()] + [_choice_names(c) for c in children]
+    check_statistic(statistic)
+    specs = [table.parent_choices()] + [choice_names(c) for c in children]
     for spec in specs:
         table._check_child(spec)
     device = next(parent.parameters()).device
@@ -250,12 +251,12 @@ def restate(table: CostTable, rows: list[dict], samples: dict, memory: dict[str,
             statistic: str) -> tuple[CostTable, list[dict]]:
     """The same measurements summarised with another statistic (no re-measuring): the cost table
     and the additivity rows, e.g. to see how much of the error is the estimator's."""
-    _check_statistic(statistic)
+    check_statistic(statistic)
     new_rows = [dict(r) for r in table.rows]
     # A table imported without its samples (profile_costs_from naming a bare costs.csv) cannot be
     # re-summarised: its rows stay as they are, and only the children's statistic changes.
     if samples.get("sub_blocks"):
-        _fill_timings(new_rows, table.scenarios, samples["sub_blocks"], statistic)
+        fill_timings(new_rows, table.scenarios, samples["sub_blocks"], statistic)
     new = CostTable(new_rows, table.scenarios, {**table.meta, "statistic": statistic})
     specs = [json.loads(r["choices"]) for r in rows if r["batch"] == table.batch_sizes[0]]
     return new, additivity_rows(new, specs, samples["children"], memory, statistic)

@@ -29,13 +29,14 @@ import torch
 from tqdm import tqdm  # plain text bars: tqdm.auto needs ipywidgets in Jupyter
 
 from ..core.blocks import Variant, VariantError, build_child, init_variant, list_library, parse_variant
-from .costs import FIXED, PHASES, SUB_BLOCKS, CostTable, Scenario, _col
-from ..core.model import PuzzleCache, PuzzleConfig, PuzzleForCausalLM
+from .costs import FIXED, PHASES, SUB_BLOCKS, CostTable, Scenario, cost_column
+from ..core.modeling_decilm import PuzzleCache, PuzzleForCausalLM
+from ..core.configuration_decilm import PuzzleConfig
 from ..core.modeling_decilm import PuzzleModel
 from .timing import (
     Bench,
     Timing,
-    _check_statistic,
+    check_statistic,
     last_level_cache_bytes,
     rotating,
     rotation_copies,
@@ -122,7 +123,7 @@ def sub_block_model(parent: PuzzleForCausalLM, layer: int, v: Variant) -> Puzzle
     return m.eval()
 
 
-def _copies(pool: dict, key: Any, m: torch.nn.Module, k: int) -> list[torch.nn.Module]:
+def own_weight_copies(pool: dict, key: Any, m: torch.nn.Module, k: int) -> list[torch.nn.Module]:
     """``m`` and ``k - 1`` copies of it with their own weights (the config object is shared:
     deep-copying a transformers config costs more than the weights of a small block)."""
     have = pool.setdefault(key, [m])
@@ -152,7 +153,7 @@ def kv_bytes_per_token(config: PuzzleConfig, layer: int, dtype: torch.dtype) -> 
     return 2 * config.kv_heads(layer) * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _static_costs(m: PuzzleModel, v: Variant) -> dict[str, int]:
+def sub_block_static_costs(m: PuzzleModel, v: Variant) -> dict[str, int]:
     layer = m.layers[0]
     mods = (layer.self_attn, layer.input_layernorm) if v.kind == "attn" else (
         layer.mlp, layer.post_attention_layernorm)
@@ -171,7 +172,7 @@ def fixed_model(parent: PuzzleForCausalLM) -> PuzzleForCausalLM:
         return build_child(parent, [("attn:noop", "ffn:noop")] * L)
 
 
-def _fixed_static(model: PuzzleForCausalLM) -> dict[str, int]:
+def fixed_static_costs(model: PuzzleForCausalLM) -> dict[str, int]:
     m = model.model
     n, nbytes = param_count([m.embed_tokens, m.norm, model.lm_head])
     return {"params": n, "weight_bytes": nbytes, "kv_bytes_per_token": 0}
@@ -243,9 +244,9 @@ def _variant_row(layer: int, v: Variant, parent_cfg: PuzzleConfig, rep: int, sta
 
 def _put_timing(row: dict, phase: str, s: Scenario, t: Timing, statistic: str,
                 minus: float = 0.0) -> None:
-    row[_col(f"{phase}_ms", s)] = max(t.stat(statistic) - minus, 0.0)
-    row[_col(f"{phase}_ms_p10", s)] = max(t.p10 - minus, 0.0)
-    row[_col(f"{phase}_ms_p90", s)] = max(t.p90 - minus, 0.0)
+    row[cost_column(f"{phase}_ms", s)] = max(t.stat(statistic) - minus, 0.0)
+    row[cost_column(f"{phase}_ms_p10", s)] = max(t.p10 - minus, 0.0)
+    row[cost_column(f"{phase}_ms_p90", s)] = max(t.p90 - minus, 0.0)
 
 
 def _sub_key(s: Scenario, phase: str, rep: int, variant: str) -> str:
@@ -256,7 +257,7 @@ def _fixed_key(s: Scenario, phase: str) -> str:
     return f"{s.key}/{phase}/{FIXED}"
 
 
-def _fill_timings(rows: list[dict], scenarios: Sequence[Scenario], samples: dict[str, list[float]],
+def fill_timings(rows: list[dict], scenarios: Sequence[Scenario], samples: dict[str, list[float]],
                   statistic: str) -> None:
     """Write the timed columns of ``rows`` from raw samples (every row reads the samples of the
     layer it was measured on). The fixed row is the all-no-op model minus its no-op sub-blocks."""
@@ -268,7 +269,7 @@ def _fill_timings(rows: list[dict], scenarios: Sequence[Scenario], samples: dict
                                                                   r["variant"])]), statistic)
             # The all-no-op model ran every no-op sub-block once per layer; those calls are in the
             # no-op rows already, so they come out of the fixed row (a few µs at most).
-            noop = sum(r[_col(f"{phase}_ms", s)] for r in layers if r["op"] == "noop")
+            noop = sum(r[cost_column(f"{phase}_ms", s)] for r in layers if r["op"] == "noop")
             fixed_row = next(r for r in rows if r["layer"] == -1)
             _put_timing(fixed_row, phase, s, Timing(samples[_fixed_key(s, phase)]), statistic,
                         minus=noop)
@@ -290,7 +291,7 @@ def profile_model(parent: PuzzleForCausalLM, scenarios: Sequence[Scenario], warm
     ``samples_out``, when given, receives every raw sample in ms, keyed
     ``"b8/decode/L0/attn:kv2"`` (and ``"b8/decode/fixed"``).
     """
-    _check_statistic(statistic)
+    check_statistic(statistic)
     cfg = parent.config
     device = next(parent.parameters()).device
     dtype = next(parent.parameters()).dtype
@@ -306,10 +307,10 @@ def profile_model(parent: PuzzleForCausalLM, scenarios: Sequence[Scenario], warm
             for v in library[kind]:
                 m = sub_block_model(parent, rep, v)
                 models[(rep, v.name)] = m
-                rows_by_rep[(rep, v.name)] = _variant_row(rep, v, cfg, rep, _static_costs(m, v))
+                rows_by_rep[(rep, v.name)] = _variant_row(rep, v, cfg, rep, sub_block_static_costs(m, v))
     fixed = fixed_model(parent).to(device)
     fixed_row = {"layer": -1, "sub_block": FIXED, "variant": FIXED, "op": FIXED, "kv_heads": 0,
-                 "ffn_width": 0, "measured_on_layer": -1, "is_parent": True, **_fixed_static(fixed)}
+                 "ffn_width": 0, "measured_on_layer": -1, "is_parent": True, **fixed_static_costs(fixed)}
     cache_bytes = last_level_cache_bytes(device)
     parent_bytes = param_count([parent])[1]
     parent_kv = sum(kv_bytes_per_token(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
@@ -331,12 +332,12 @@ def profile_model(parent: PuzzleForCausalLM, scenarios: Sequence[Scenario], warm
                     working_set, cache_bytes)
                 key = _sub_key(s, phase, rep, name)
                 benches[key] = rotating([sub_block_bench(c, v, s, phase, gen)
-                                         for c in _copies(pool, (rep, name), m, k)])
+                                         for c in own_weight_copies(pool, (rep, name), m, k)])
                 copies_used[key] = k
             k = 1 if phase == "prefill" or not rotate else rotation_copies(
                 fixed_row["weight_bytes"], working_set, cache_bytes)
             benches[_fixed_key(s, phase)] = rotating([model_bench(f, s, phase, gen)
-                                                      for f in _copies(pool, FIXED, fixed, k)])
+                                                      for f in own_weight_copies(pool, FIXED, fixed, k)])
             copies_used[_fixed_key(s, phase)] = k
             times = time_interleaved(benches, device, warmup, repeats, seed, clock=clock,
                                      desc=f"sub-blocks {phase} b={s.batch}", progress=progress)
@@ -356,7 +357,7 @@ def profile_model(parent: PuzzleForCausalLM, scenarios: Sequence[Scenario], warm
                              ffn_width=v.width(cfg, i) if v.op == "swiglu" else 0)
                     rows.append(r)
     rows.sort(key=lambda r: (r["layer"], SUB_BLOCKS.index(r["sub_block"]) if r["layer"] >= 0 else 0))
-    _fill_timings(rows, scenarios, samples, statistic)
+    fill_timings(rows, scenarios, samples, statistic)
     meta = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
             "statistic": statistic, "clock": clock, "rotate": rotate,

@@ -29,8 +29,8 @@ import numpy as np
 
 from ..core.blocks import Variant
 from ..core.config import RunConfig
-from ..core.model import PuzzleConfig
-from ..core.rundir import atomic_write_text
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.atomic import atomic_write_text
 from .timing import ProfilingError
 
 SUB_BLOCKS = ("attn", "ffn")
@@ -106,12 +106,12 @@ def scenarios_from_config(cfg: RunConfig, max_positions: int | None = None) -> l
 
 # ------------------------------------------------------------------------------ the cost table
 
-def _col(metric: str, s: Scenario | int | str) -> str:
+def cost_column(metric: str, s: Scenario | int | str) -> str:
     key = s.key if isinstance(s, Scenario) else f"b{s}" if isinstance(s, int) else s
     return f"{metric}@{key}"
 
 
-def _choice_names(child) -> list[tuple[str, str]]:
+def choice_names(child) -> list[tuple[str, str]]:
     out = []
     for pair in child:
         a, f = pair
@@ -180,7 +180,7 @@ class CostTable:
         if batch is None:
             raise ProfilingError(f"{metric} depends on the batch size: pass batch= one of "
                                  f"{self.batch_sizes}")
-        return float(row[_col(metric, self.scenario(batch))])
+        return float(row[cost_column(metric, self.scenario(batch))])
 
     def cost(self, layer: int, variant: str | Variant, metric: str, batch: int | None = None) -> float:
         """One sub-block's cost: ``metric`` in params | weight_bytes | kv_bytes_per_token |
@@ -233,7 +233,7 @@ class CostTable:
         return out
 
     def _check_child(self, child) -> list[tuple[str, str]]:
-        names = _choice_names(child)
+        names = choice_names(child)
         if len(names) != self.num_layers:
             raise ProfilingError(f"a child needs one (attention, ffn) pair per layer: got "
                                  f"{len(names)}, the table has {self.num_layers} layers")
@@ -278,7 +278,7 @@ class CostTable:
         for s in self.scenarios:
             for m in TIMED_METRICS:
                 base = m[:-3]
-                cols += [_col(m, s), _col(f"{base}_ms_p10", s), _col(f"{base}_ms_p90", s)]
+                cols += [cost_column(m, s), cost_column(f"{base}_ms_p10", s), cost_column(f"{base}_ms_p90", s)]
         return cols
 
     def to_csv(self, path: str | Path | None = None) -> str:

@@ -64,8 +64,8 @@ Where the code lives (each module's docstring says more): ``timing`` (``Bench`` 
 clocks, the interleaved timing loop, cache rotation), ``costs`` (scenarios and the ``CostTable``),
 ``benches`` (one-layer sub-block models, their benches, ``profile_model``), ``additivity``
 (end-to-end checks of the table, ``cache_ablation``). This module keeps the stage: importing a
-table (``profile_costs_from``), ``run`` / ``load`` and the notes of ``diagnose``; it re-exports the
-public names of those modules, so ``from puzzlelib.profiling.stage import X`` keeps working.
+table (``profile_costs_from``), ``run`` / ``load`` and the notes of ``diagnose``; import
+the other names from the module that defines them (docs/modules.md).
 """
 
 from __future__ import annotations
@@ -81,72 +81,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The imports marked `noqa: F401` re-export what moved to timing / costs / benches / additivity:
-# notebooks, tests and later stages import those names from `profiling`.
 from ..parent import stage as parent_stage
-from .additivity import (  # noqa: F401
-    additivity_rows,
-    cache_ablation,
-    check_additivity,
-    markdown_table,
-    measure_models,
-    measured_kv_bytes,
-    model_memory_bytes,
-    random_children,
-    restate,
-    rows_to_csv,
-    short_spec,
-    summarize_additivity,
-)
-from .benches import (  # noqa: F401
-    _fixed_static,
-    _static_costs,
+from .additivity import check_additivity, random_children, rows_to_csv, summarize_additivity
+from .benches import (
+    fixed_static_costs,
+    sub_block_static_costs,
     fixed_model,
-    kv_bytes_per_token,
     layer_groups,
     library_for,
-    model_bench,
-    param_count,
     profile_model,
-    sub_block_bench,
     sub_block_model,
 )
 from ..core.blocks import Variant
 from ..core.config import RunConfig, resolve_path
-from .costs import (  # noqa: F401
+from .costs import (
     FIXED,
     PHASES,
     STATIC_METRICS,
     SUB_BLOCKS,
-    TIMED_METRICS,
     CostTable,
     Scenario,
-    _col,
-    parse_batch_sizes,
+    cost_column,
     scenarios_from_config,
 )
-from ..core.model import PuzzleForCausalLM
+from ..core.modeling_decilm import PuzzleForCausalLM
 from ..core.precision import resolve_threads
-from ..core.rundir import RunDir, atomic_write_json, cached_sha256, file_sha256, read_csv_rows
-from .timing import (  # noqa: F401
-    CLOCKS,
-    CUDA_MIN_SAMPLE_MS,
-    DEFAULT_CACHE_BYTES,
-    MAX_COPIES,
-    MAX_INNER,
-    ROTATION_CYCLES,
-    STATISTICS,
-    Bench,
-    ProfilingError,
-    Timing,
-    check_clock,
-    last_level_cache_bytes,
-    resolve_device,
-    rotating,
-    rotation_copies,
-    time_interleaved,
-    warm_step,
-)
+from ..core.rundir import RunDir, cached_sha256, file_sha256, read_csv_rows
+from ..core.atomic import atomic_write_json
+from .timing import CUDA_MIN_SAMPLE_MS, ProfilingError, check_clock, resolve_device
 
 STAGE = "01_profiling"
 
@@ -238,14 +200,14 @@ def import_costs(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], spec: 
     for rep in layer_groups(cfg, library):
         for kind in SUB_BLOCKS:
             for v in library[kind]:
-                got = _static_costs(sub_block_model(model, rep, v), v)
+                got = sub_block_static_costs(sub_block_model(model, rep, v), v)
                 row = table.row(rep, v.name)
                 bad = {k: (row[k], got[k]) for k in STATIC_METRICS if row[k] != got[k]}
                 if bad:
                     raise ProfilingError(
                         f"{where}: layer {rep} {v.name} has {', '.join(f'{k}={a} (this parent: {b})' for k, (a, b) in bad.items())}: "
                         "the table was measured for another parent; profile_costs_from='' to measure")
-    fixed = _fixed_static(fixed_model(model))
+    fixed = fixed_static_costs(fixed_model(model))
     bad = {k: (table.row(-1, FIXED)[k], fixed[k]) for k in fixed if table.row(-1, FIXED)[k] != fixed[k]}
     if bad:
         raise ProfilingError(f"{where}: the fixed part (embeddings, head) differs: {bad} (table, this "
@@ -425,9 +387,9 @@ def diagnose(result: ProfilingResult, target: float = 0.10) -> list[str]:
                            "wall-clock samples include time other processes held the cores "
                            "(try profile_clock='cpu' with threads=1)")
                         if busy else "the machine was not oversubscribed"))
-    spreads = [r[_col(f"{ph}_ms_p90", s)] / r[_col(f"{ph}_ms", s)] for r in result.costs.rows
+    spreads = [r[cost_column(f"{ph}_ms_p90", s)] / r[cost_column(f"{ph}_ms", s)] for r in result.costs.rows
                for s in result.costs.scenarios for ph in PHASES
-               if r["op"] != "noop" and r[_col(f"{ph}_ms", s)] > 0]
+               if r["op"] != "noop" and r[cost_column(f"{ph}_ms", s)] > 0]
     if spreads:
         notes.append(f"timing spread: the p90 of a sub-block is typically {np.median(spreads):.2f}x "
                      "its median (1.0 = perfectly repeatable)")
@@ -458,9 +420,9 @@ def _cpu_count() -> int | None:
 
 
 def _cpu_name() -> str:
-    from ..core.rundir import _cpu_model  # the same string environment.json records
+    from ..core.rundir import cpu_model  # the same string environment.json records
 
-    return _cpu_model()
+    return cpu_model()
 
 
 def load(cfg: RunConfig) -> ProfilingResult:

@@ -91,12 +91,12 @@ class Timing:
 
     def stat(self, statistic: str) -> float:
         """``median`` | ``p10`` | ``min`` of the samples."""
-        _check_statistic(statistic)
+        check_statistic(statistic)
         return {"median": np.median, "p10": lambda x: np.percentile(x, 10), "min": np.min
                 }[statistic](self.samples).item()
 
 
-def _check_statistic(statistic: str) -> None:
+def check_statistic(statistic: str) -> None:
     if statistic not in STATISTICS:
         raise ProfilingError(f"unknown statistic {statistic!r}: use one of {', '.join(STATISTICS)}")
 

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.blocks import build_child
-from ..core.model import PuzzleForCausalLM
+from ..core.modeling_decilm import PuzzleForCausalLM
 from .prefix_scoring import ParentReference, parent_reference, score_child
 from .score_table import ScoreTable, ScoringError
 

@@ -41,7 +41,9 @@ from tqdm import tqdm
 
 from ..core.blocks import Variant, VariantError, build_child, init_variant, parse_variant
 from ..bld.library import Library, split_pair_name, split_pair_tensors
-from ..core.model import PuzzleConfig, PuzzleForCausalLM, child_config
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.modeling_decilm import PuzzleForCausalLM
+from ..core.model import child_config
 from ..core.modeling_decilm import PuzzleDecoderLayer
 from .score_table import SOURCES, STAGE, ScoringError
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.blocks import Variant
-from ..core.rundir import atomic_write_text, read_csv_rows
+from ..core.atomic import atomic_write_text
+from ..core.rundir import read_csv_rows
 
 STAGE = "03_scoring"
 SOURCES = ("bld", "init")
@@ -178,7 +179,7 @@ class ScoreTable:
         return [dict(r) for r in self.rows]
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        text = _rows_to_csv(self.rows, COLUMNS)
+        text = score_rows_to_csv(self.rows, COLUMNS)
         if path is not None:
             atomic_write_text(path, text)
         return text
@@ -193,7 +194,7 @@ class ScoreTable:
         return cls(d["rows"], d.get("meta"))
 
 
-def _rows_to_csv(rows: list[dict], columns: Sequence[str]) -> str:
+def score_rows_to_csv(rows: list[dict], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     w.writeheader()

@@ -22,7 +22,7 @@ candidate runs only its own layer and the layers after it, and the scores equal 
 full-forward ones (checked on a sample each run, ``scoring_naive_check``). ``interactions``
 checks whether the scores add up over whole multi-block children (the EvoPress critique);
 ``score_table`` holds the table stage 04 reads. This module is the stage: it wires them
-together, writes the files and re-exports their public names, so ``scoring.X`` keeps working.
+together and writes the files; import the other names from the module that defines them.
 
 Reads: ``00_parent`` (parent, held-out tokens) via ``parent.load``; ``02_bld/library`` via
 ``bld.load`` (the library must come from this very parent: ``library.LibraryMismatch``).
@@ -58,52 +58,27 @@ from .interactions import (
     INTERACTION_COLUMNS,
     check_interactions,
     interaction_children,
-    pearson,
-    short_spec,
     spearman,
     summarize_interactions,
 )
 from ..bld.library import Library, LibraryMismatch
-from ..core.model import PuzzleConfig, PuzzleForCausalLM
+from ..core.configuration_decilm import PuzzleConfig
+from ..core.modeling_decilm import PuzzleForCausalLM
 from .prefix_scoring import (
     Candidate,
-    ParentReference,
-    Scores,
-    blocks_candidates,
-    candidate_layer,
     library_candidates,
-    parent_choice,
-    parent_choices,
     parent_reference,
     score_candidates,
-    score_child,
     score_naive,
 )
-from ..core.rundir import RunDir, atomic_write_json, atomic_write_text, read_csv_rows
+from ..core.rundir import RunDir, read_csv_rows
+from ..core.atomic import atomic_write_json, atomic_write_text
 from .score_table import (
-    ADDITIVE_METRICS,
-    COLUMNS,
-    METRICS,
-    SOURCES,
     STAGE,
-    SUB_BLOCKS,
     ScoreTable,
     ScoringError,
-    _rows_to_csv,
+    score_rows_to_csv,
 )
-
-# The stage's own names and the public names of the modules it is built from, re-exported so
-# ``from puzzlelib.scoring.stage import X`` (notebooks, tests, stage 04) does not depend on the split.
-__all__ = [
-    "ADDITIVE_METRICS", "COLUMNS", "INTERACTION_COLUMNS", "METRICS", "SOURCES", "STAGE",
-    "SUB_BLOCKS", "Candidate", "ParentReference", "ScoreTable", "Scores", "ScoringError",
-    "ScoringResult", "bld_gains", "blocks_candidates", "candidate_layer", "check_interactions",
-    "heldout_batches", "interaction_children", "library_candidates", "load", "load_scores",
-    "naive_sample", "open_library", "parent_choice", "parent_choices", "parent_reference",
-    "pearson", "run", "score_candidates", "score_child", "score_naive", "short_spec",
-    "spearman", "summarize", "summarize_interactions",
-]
-
 
 # --------------------------------------------------------------------------------- the stage
 
@@ -315,7 +290,7 @@ def run(cfg: RunConfig, progress: bool = True) -> ScoringResult:
                   "device": str(device), "torch_threads": torch.get_num_threads()}
         atomic_write_json(st.path("scores.json"), {"meta": meta, "rows": table.rows})
         table.to_csv(st.path("scores.csv"))
-        atomic_write_text(st.path("interactions.csv"), _rows_to_csv(inter_rows, INTERACTION_COLUMNS))
+        atomic_write_text(st.path("interactions.csv"), score_rows_to_csv(inter_rows, INTERACTION_COLUMNS))
         atomic_write_json(st.path("metrics.json"), metrics)
         atomic_write_json(st.path("timing.json"), timing)
         st.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .stage import Budget, ChildSpec, Option, Searcher, constraint_rows, pareto_row
+from .mip import Budget, Option, constraint_rows
+from .stage import ChildSpec, Searcher, pareto_row
 
 METHODS = ("uniform", "depth", "greedy", "random")
 

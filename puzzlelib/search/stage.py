@@ -52,33 +52,23 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.config import RunConfig
-from .mip import (  # noqa: F401  (re-exported: the search's public API)
-    ABS_GAP,
+from .mip import (
     DEFAULT_GAP,
     FIELDS,
     Budget,
-    HIGHER_IS_BETTER,
     InfeasibleBudget,
-    MIP,
-    Option,
     Problem,
-    Range,
     SearchError,
-    Solved,
     TOL,
     build_problem,
     check,
     constraint_rows,
-    decode,
-    differing_layers,
-    formulate,
     min_differing_layers,
-    parse_ranges,
     reference,
     solve_checked,
-    solve,
 )
-from ..core.rundir import RunDir, atomic_write_json, atomic_write_text
+from ..core.rundir import RunDir
+from ..core.atomic import atomic_write_json, atomic_write_text
 
 STAGE = "04_search"
 
@@ -394,7 +384,7 @@ def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfi
     interleaved with the parent), filling ``spec.measured`` and the checks' ``measured`` fields."""
     import torch
 
-    from ..profiling.stage import check_additivity
+    from ..profiling.additivity import check_additivity
 
     # Stage 01's clock: "cpu" times one thread's CPU time (immune to other processes' load).
     threads = torch.get_num_threads()
@@ -449,7 +439,7 @@ class SearchResult:
 
 
 def _load(rd: RunDir, reused: bool) -> SearchResult:
-    from ..profiling.stage import read_csv_rows
+    from ..core.rundir import read_csv_rows
 
     d = rd.stage_dir(STAGE)
     sol = json.loads((d / "solution.json").read_text())
@@ -470,6 +460,8 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
     from . import baselines
 
     from ..profiling import stage as profiling
+    from ..profiling import additivity
+    from ..profiling import timing
 
     from ..scoring import stage as scoring
     from ..parent import stage as parent_stage
@@ -487,7 +479,7 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
     apply_threads(cfg.threads)
     with rd.stage(STAGE) as st:
         pres = parent_stage.load(cfg)
-        model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(profiling.resolve_device(cfg.device)).eval()
+        model = pres.load_model(dtype=getattr(torch, cfg.dtype)).to(timing.resolve_device(cfg.device)).eval()
         influence = baselines.block_influence(model, pres.dir / "tokens", cfg.seq_len, cfg.search_influence_tokens,
                                                 progress=progress)
         base, base_notes = baselines.all_baselines(s, influence, cfg.seed, cfg.search_random_tries)
@@ -505,7 +497,7 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
                 "block_influence": influence, "notes": s.problem.notes + notes + base_notes}
         atomic_write_json(st.path("solution.json"), {**info, "solutions": [x.to_dict() for x in solutions]})
         atomic_write_json(st.path("baselines.json"), {k: {"spec": v.to_dict() if v else None} for k, v in base.items()})
-        atomic_write_text(st.path("pareto.csv"), profiling.rows_to_csv(pareto))
+        atomic_write_text(st.path("pareto.csv"), additivity.rows_to_csv(pareto))
         metrics = summarize(s, solutions, base, search_seconds)
         atomic_write_json(st.path("metrics.json"), metrics)
         st.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
