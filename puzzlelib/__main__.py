@@ -1,5 +1,5 @@
 """`python -m puzzlelib ...`: the command line (run / show-config / status, see runner.py;
-student, see student.py; fetch-parent, see parent_source.py)."""
+student, see student.py; fetch-parent, see parent/source.py)."""
 
 import sys
 
@@ -10,7 +10,7 @@ if __name__ == "__main__":
         from .student import main as student_main
 
         sys.exit(student_main(sys.argv[2:]))
-    if sys.argv[1:2] == ["fetch-parent"]:  # its own parser too (parent_source.py)
+    if sys.argv[1:2] == ["fetch-parent"]:  # its own parser too (parent/source.py)
         from .parent.source import main as fetch_parent_main
 
         sys.exit(fetch_parent_main(sys.argv[2:]))

@@ -59,7 +59,7 @@ from typing import Any, Callable
 
 from .core.presets import PRESETS
 from .core.config import ConfigError, RunConfig, default_repo_root, parse_set_args
-from .core.progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
+from .progress import ProgressDisplay, ProgressSender, StreamTap, summary_line
 from .core.rundir import NOTEBOOKS, STAGES, UPSTREAM, RunDir, try_lock
 from .core.atomic import atomic_write_json, atomic_write_text
 from .core.validation import RUN_NAME_PATTERN
@@ -196,7 +196,7 @@ def _resolve(repo_root: Path, p: str) -> Path:
 
 def _is_hub_id(parent: str, repo_root: Path) -> bool:
     """'org/name' or 'name' that is not a local folder (a path starts with / . ~ or has 2+ '/'),
-    a .gguf file or a named parent (parent_source.py: those work offline once fetched)."""
+    a .gguf file or a named parent (parent/source.py: those work offline once fetched)."""
     from .parent.source import NAMED_PARENTS  # no torch at import
 
     if (parent == "embedded" or parent.startswith(("/", ".", "~")) or parent.count("/") > 1

@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "puzzlelib"
 STAGE_ORDER = ("parent", "profiling", "bld", "scoring", "search", "gkd", "evaluation")
-TOP = ("puzzlelib", "puzzlelib.__main__", "puzzlelib.runner", "puzzlelib.student",
+TOP = ("puzzlelib", "puzzlelib.__main__", "puzzlelib.runner", "puzzlelib.progress", "puzzlelib.student",
        "puzzlelib.overview")
 
 # Violations still left, as (rule, module, what). Empty is the goal; an entry that no longer

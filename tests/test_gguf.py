@@ -1,4 +1,4 @@
-"""GGUF parents and the named real parent (parent_source.py): a tiny GGUF written here with the
+"""GGUF parents and the named real parent (parent/source.py): a tiny GGUF written here with the
 `gguf` package converts to the same logits as transformers' own dequantized model and as the
 model it was written from; every bad input (missing, corrupt or truncated file, unsupported
 architecture, wrong wheel sha256, no network and no cached copy, damaged cache) is one clear

@@ -193,7 +193,7 @@ def test_module_entry_point(tmp_path):
 
 # ---- live progress (progress.py) ----------------------------------------------------------------
 def test_latest_line_keeps_the_last_redraw_of_a_bar():
-    from puzzlelib.core.progress import latest_line
+    from puzzlelib.progress import latest_line
 
     chunk = "\rtrain:  10%|#  | 1/10 [00:01<00:09]\rtrain:  20%|## | 2/10 [00:02<00:08, loss=3.2]"
     assert latest_line(chunk) == "train:  20%|## | 2/10 [00:02<00:08, loss=3.2]"
@@ -206,7 +206,7 @@ def test_latest_line_keeps_the_last_redraw_of_a_bar():
 def test_display_on_a_terminal_redraws_one_line_in_place():
     import io
 
-    from puzzlelib.core.progress import ProgressDisplay
+    from puzzlelib.progress import ProgressDisplay
 
     out = io.StringIO()
     d = ProgressDisplay("[1/7] 00_parent", out, tty=True, width=60, now=0.0)
@@ -231,7 +231,7 @@ def test_display_on_a_terminal_redraws_one_line_in_place():
 def test_display_in_a_log_prints_full_lines_at_most_every_interval():
     import io
 
-    from puzzlelib.core.progress import ProgressDisplay
+    from puzzlelib.progress import ProgressDisplay
 
     out = io.StringIO()
     d = ProgressDisplay("[2/7] 02_bld", out, tty=False, interval=30, now=0.0)
@@ -250,7 +250,7 @@ def test_display_in_a_log_prints_full_lines_at_most_every_interval():
 def test_summary_line_takes_the_key_numbers_from_the_manifest():
     import datetime
 
-    from puzzlelib.core.progress import summary_line
+    from puzzlelib.progress import summary_line
 
     started = datetime.datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=datetime.timezone.utc)
     m = {"stage": "00_parent", "status": "done", "finished": "2026-01-01T12:10:00+00:00",
@@ -272,7 +272,7 @@ def test_summary_line_takes_the_key_numbers_from_the_manifest():
 def test_stream_tap_sends_the_latest_line_and_the_cell_over_a_pipe():
     from types import SimpleNamespace
 
-    from puzzlelib.core.progress import ProgressSender, StreamTap
+    from puzzlelib.progress import ProgressSender, StreamTap
 
     r, w = os.pipe()
     sender = ProgressSender(w)

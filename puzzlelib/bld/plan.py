@@ -10,7 +10,7 @@ computes the same shards without talking to the others. Malformed or empty varia
 ``BLDError`` naming the setting to change.
 
 Reads: a ``RunConfig`` and the parent's ``PuzzleConfig`` only. Writes: nothing.
-Leaves out: building or training anything (``bld_train.py``), the stage's run / load / CLI and
+Leaves out: building or training anything (``train.py``), the stage's run / load / CLI and
 the library's files (``bld.py``, ``library.py``), and the variant names and their parsing
 (``blocks.py``).
 """

@@ -57,8 +57,8 @@ Leaves out: training blocks on anything but the parent's activations (the paper'
 multi-node launch details (torchrun's own flags handle them).
 
 Code layout: the job plan (``BLDSettings``, ``Job``, ``plan``, ``assign``, ``BLDError``) is in
-``bld_plan.py``; the parent's streamed activations and the training of one block (``Streams``,
-``ParentStreamer``, ``train_block``, ``train_blocks``, ``nmse``) are in ``bld_train.py``. This
+``plan.py``; the parent's streamed activations and the training of one block (``Streams``,
+``ParentStreamer``, ``train_block``, ``train_blocks``, ``nmse``) are in ``train.py``. This
 module holds the stage's entry points (``run``, ``load``, ``main``) and its metrics; import the
 other names from the module that defines them (docs/modules.md).
 """

@@ -14,7 +14,7 @@ step at the stage's shapes, which ``precision.probe`` times in fp32 and bf16 (``
 Reads: the parent model, its train / held-out token arrays and the library's FFN channel scores.
 Writes: each finished block, atomically, to the ``Library`` it is given (and, with
 ``disk_dir``, temporary activation files that it deletes on the way out).
-Leaves out: which jobs exist and who runs them (``bld_plan.py``), the stage's manifest,
+Leaves out: which jobs exist and who runs them (``plan.py``), the stage's manifest,
 metrics, resume and torchrun coordination (``bld.py``), and the library's file format
 (``library.py``).
 """
@@ -39,7 +39,7 @@ from .library import Library
 from ..core.configuration_decilm import PuzzleConfig
 from ..core.model import child_config
 from ..core.modeling_decilm import PuzzleDecoderLayer
-from ..parent.stage import lr_at, make_optimizer
+from ..core.train import lr_at, make_optimizer
 
 # ------------------------------------------------------------------------ modules and maths
 

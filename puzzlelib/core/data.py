@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import socket
 import sysconfig
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_dir, atomic_path
 from .config import resolve_path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -395,15 +395,10 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: str | Path, seq_l
                                  pad_token=PAD, model_max_length=seq_len,
                                  clean_up_tokenization_spaces=False)
     meta["tokenizer_hash"] = tokenizer_hash(hf)
-    # Save into a temporary sibling, then swap it in: a crash never leaves half a tokenizer.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(str(tmp))
-    (tmp / TOKENIZER_META).write_text(json.dumps(meta, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    # Saved into a temporary sibling, then swapped in: a crash never leaves half a tokenizer.
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))
+        (tmp / TOKENIZER_META).write_text(json.dumps(meta, indent=2) + "\n")
     return hf
 
 
@@ -426,18 +421,15 @@ def encode_docs(tokenizer, docs: list[str], batch_docs: int = 64,
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as e:
         # numpy's tofile reports a short write as "N requested and M written", without errno:
         # say what it almost always means.
         msg = (f"writing {path} failed ({e.strerror or e}): the disk is probably full or over "
                "quota; free disk space or set runs_root to a folder on a disk with room")
         raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_token_cache(corpus: Corpus, tokenizer, cache_dir: str | Path) -> dict:

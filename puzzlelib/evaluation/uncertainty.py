@@ -7,7 +7,7 @@ and E-AURC = AURC − optimal inside ``uncertainty_metrics``, with Brier score a
 bootstrap 95 % interval of mean-accuracy retention (``bootstrap_retention``).
 Reads: arrays of confidences / probabilities and 0/1 correctness. Writes: nothing.
 Leaves out: where the scores come from (``evaluation.evaluate_model``), which tasks count and the
-comparison table (``evaluation.summarize``), and plotting (``plots.uncertainty_curves``).
+comparison table (``evaluation.summarize``), and plotting (``evaluation/plots.py``).
 """
 
 from __future__ import annotations

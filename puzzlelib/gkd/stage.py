@@ -52,7 +52,7 @@ from ..core.config import RunConfig
 from ..core.distributed import Dist, stage_main
 from ..core.export import save_checkpoint
 from ..core.modeling_decilm import PuzzleForCausalLM
-from ..parent.stage import load_train_state, lr_at, make_optimizer, save_train_state
+from ..core.train import load_train_state, lr_at, make_optimizer, save_train_state
 from ..core.rundir import RunDir
 from ..core.atomic import atomic_write_json
 

@@ -36,19 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..core import data, precision
 
 from . import source as parent_source
 from ..core.config import RunConfig
-from ..core.export import load_checkpoint, save_checkpoint, tensors_to_save
+from ..core.export import load_checkpoint, save_checkpoint
 from ..core.configuration_decilm import PuzzleConfig
 from ..core.modeling_decilm import PuzzleForCausalLM
 from ..core.model import count_params
 from ..core.rundir import RunDir
-from ..core.atomic import atomic_dir, atomic_write_json
+from ..core.train import load_train_state, lr_at, make_optimizer, save_train_state
+from ..core.atomic import atomic_write_json
 
 STAGE = "00_parent"
 
@@ -156,22 +156,6 @@ def measured_fixed_share(model: PuzzleForCausalLM, batch: int, seq_len: int, rep
 
 # ------------------------------------------------------------------------------- training
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to ``min_ratio * peak`` at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # Decay matrices only: decaying norm gains pulls them towards 0, which is not regularisation.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
 @torch.no_grad()
 def evaluate(model: PuzzleForCausalLM, held: np.ndarray, cfg: RunConfig, max_tokens: int | None = None,
              autocast: bool = False) -> float:
@@ -186,31 +170,6 @@ def evaluate(model: PuzzleForCausalLM, held: np.ndarray, cfg: RunConfig, max_tok
         n += y.numel()
     model.train(was)
     return total / max(n, 1)
-
-
-def save_train_state(state_dir: Path, model, opt, step: int, history: dict, key: str) -> None:
-    """Atomically checkpoint a training run (weights, optimizer, step, history) for resuming."""
-    with atomic_dir(state_dir) as tmp:
-        save_file(tensors_to_save(model), str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "history": history}))
-
-
-def load_train_state(state_dir: Path, model, opt, key: str):
-    """(step, history) from a checkpoint made with the same config key, else None."""
-    meta = state_dir / "state.json"
-    if not meta.exists():
-        return None
-    state = json.loads(meta.read_text())
-    if state.get("key") != key:
-        shutil.rmtree(state_dir, ignore_errors=True)  # made under another config: useless
-        return None
-    model.load_state_dict(load_file(str(state_dir / "model.safetensors")), strict=False)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    # weights_only: the optimizer state is tensors and numbers; never unpickle arbitrary objects.
-    opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
-    return state["step"], state["history"]
 
 
 def probe_step(model: PuzzleForCausalLM, cfg: RunConfig, rows: int | None = None):

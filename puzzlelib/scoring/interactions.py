@@ -8,7 +8,7 @@ quality model can be trusted.
 What it does: ``interaction_children`` (the seeded random children), ``check_interactions``
 (each child built from the library and scored with a full forward, next to the table's
 prediction), ``summarize_interactions`` (the correlations and ratios above), the rank
-statistics they use (``pearson``, ``spearman``) and ``short_spec`` (a child as only what differs
+statistics they use (``pearson``, ``spearman``) and ``spec_diff`` (a child as only what differs
 from the parent). ``INTERACTION_COLUMNS`` is the schema of ``interactions.csv``.
 
 Reads: the parent, a :class:`~puzzlelib.scoring.score_table.ScoreTable` and the child's blocks through
@@ -84,7 +84,7 @@ def interaction_children(table: ScoreTable, n: int, seed: int) -> list[list[tupl
     return out
 
 
-def short_spec(child: Sequence[tuple[str, str]], base: Sequence[tuple[str, str]]) -> str:
+def spec_diff(child: Sequence[tuple[str, str]], base: Sequence[tuple[str, str]]) -> str:
     """Only what differs from the parent: "L0 attn:kv1 · L5 ffn:0.25"."""
     parts = [f"L{i} {v}" for i, (pair, ref) in enumerate(zip(child, base))
              for v, r in zip(pair, ref) if v != r]
@@ -110,7 +110,7 @@ def check_interactions(parent: PuzzleForCausalLM, table: ScoreTable,
                      "ratio": r["kl"] / pred if pred > 0 else float("nan"),
                      "predicted_lm_loss_delta": table.predict(child, "lm_loss_delta"),
                      "measured_lm_loss_delta": r["lm_loss_delta"],
-                     "measured_top1_agreement": r["top1_agreement"], "spec": short_spec(child, base)})
+                     "measured_top1_agreement": r["top1_agreement"], "spec": spec_diff(child, base)})
     return rows
 
 

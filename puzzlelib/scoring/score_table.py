@@ -4,7 +4,7 @@ What it does: :class:`ScoreTable` holds one row per scored (layer, variant, sour
 what stage 04 asks of it — one block's score, a [layer, variant] score matrix, the parent as a
 child spec, the additive quality model (``predict``: the sum of a child's blocks' scores) and
 clear errors naming the (layer, variant) pairs that were never scored and the fields to change.
-Also here: the schema constants every scoring module shares (``SOURCES``, ``SUB_BLOCKS``,
+Also here: the schema constants every scoring module shares (``SOURCES``, ``CANDIDATE_KINDS``,
 ``METRICS``, ``ADDITIVE_METRICS``, ``COLUMNS``), the stage name ``STAGE`` and
 :class:`ScoringError`, so the other scoring modules import them from one place without a cycle.
 
@@ -30,7 +30,7 @@ from ..core.rundir import read_csv_rows
 
 STAGE = "03_scoring"
 SOURCES = ("bld", "init")
-SUB_BLOCKS = ("attn", "ffn", "pair")
+CANDIDATE_KINDS = ("attn", "ffn", "pair")
 # Metrics stored per candidate. ADDITIVE ones are those a sum over blocks can predict: each is
 # 0 for the parent's own block, and the search adds them up.
 METRICS = ("kl", "kl_sem", "lm_loss", "lm_loss_delta", "top1_agreement", "nmse")
@@ -72,8 +72,8 @@ class ScoreTable:
 
     def variants(self, layer: int, sub_block: str, source: str = "bld") -> list[str]:
         """Variant names scored at ``layer`` for ``sub_block`` (attn | ffn | pair), table order."""
-        if sub_block not in SUB_BLOCKS:
-            raise ScoringError(f"sub_block must be one of {SUB_BLOCKS}, got {sub_block!r}")
+        if sub_block not in CANDIDATE_KINDS:
+            raise ScoringError(f"sub_block must be one of {CANDIDATE_KINDS}, got {sub_block!r}")
         names: list[str] = []
         for r in self.rows:
             if (r["layer"] == layer and r["sub_block"] == sub_block and r["variant"] not in names
@@ -110,7 +110,7 @@ class ScoreTable:
             raise ScoringError(f"no {source!r} scores in this table (sources: {self.sources}); "
                                "for 'init' set scoring_include_init=True and rerun 03_scoring")
         sub = "pair" if "+" in name else name.split(":")[0]
-        have = self.variants(layer, sub, source) if sub in SUB_BLOCKS else []
+        have = self.variants(layer, sub, source) if sub in CANDIDATE_KINDS else []
         raise ScoringError(
             f"variant {name!r} has no {source} score at layer {layer} (scored there: "
             f"{', '.join(have) or 'none'}). The block library (stage 02_bld) does not contain it: "

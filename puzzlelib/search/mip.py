@@ -298,9 +298,13 @@ class Budget:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, parent_params: float) -> Budget:
-        return cls(cfg.search_speedup, cfg.search_min_tokens_per_s, cfg.search_max_latency_ms,
-                   cfg.search_max_memory_mib * 2**20, cfg.search_max_params_ratio * parent_params,
-                   parse_ranges(cfg.search_constraints))
+        # By keyword, one line per config field (FIELDS below maps each constraint row back).
+        return cls(min_speedup=cfg.search_speedup,
+                   min_tokens_per_s=cfg.search_min_tokens_per_s,
+                   max_latency_ms=cfg.search_max_latency_ms,
+                   max_memory_bytes=cfg.search_max_memory_mib * 2**20,
+                   max_params=cfg.search_max_params_ratio * parent_params,
+                   ranges=parse_ranges(cfg.search_constraints))
 
 
 # Config field behind each constraint, for error messages (a Range's name starts "range ").
