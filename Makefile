@@ -1,6 +1,6 @@
 # puzzlelib — two commands do everything on a fresh machine:
 #   make reproduce   virtualenv + install + every notebook on the `default` preset -> reports/default/
-#   make test        virtualenv (if missing) + the test suite
+#   make test        virtualenv (if missing) + ruff + the test suite
 # Each target installs what it needs; nothing is written outside this folder (caches go to .cache/).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -22,7 +22,7 @@ export HF_HOME              := $(CURDIR)/.cache/hf
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS ?= ignore:IProgress not found
 
-.PHONY: venv reproduce run test test-fast lab browser-deps student bench clean distclean
+.PHONY: venv reproduce run test test-fast lint lab browser-deps student bench clean distclean
 
 venv: $(STAMP)
 
@@ -42,8 +42,11 @@ reproduce: $(STAMP)
 run: $(STAMP)   # make run PRESET=smoke RUN=mysmoke
 	$(BIN)/python -m puzzlelib run --preset $(PRESET) --run-name $(RUN)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)   # ruff with pyproject's [tool.ruff] settings (tests/test_architecture.py checks the import layers)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)   # skips the notebook smoke runs
 	$(BIN)/python -m pytest -m "not slow"
