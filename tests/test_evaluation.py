@@ -20,7 +20,7 @@ from puzzlelib.evaluation import errors as evaluation_errors
 from puzzlelib.evaluation import report
 from puzzlelib.evaluation import throughput
 from puzzlelib.evaluation import uncertainty
-from puzzlelib.evaluation import tasks as T
+from puzzlelib.core import eval_tasks as T
 from puzzlelib.core.config import RunConfig
 from puzzlelib.core.rundir import RunDir, StageNotReady
 

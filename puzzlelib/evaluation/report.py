@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import tasks as T
+from ..core import eval_tasks as T
 from ..core.config import RunConfig, project_root, resolve_path
 from .errors import EvaluationError
 from ..core.atomic import atomic_write_json, atomic_write_text

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import tasks as T
+from ..core import eval_tasks as T
 from ..core.config import RunConfig
 from .errors import EvaluationError
 from ..core import model as _auto_classes  # noqa: F401  (importing it registers "nemotron-nas" with the Auto classes)

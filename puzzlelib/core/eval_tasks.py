@@ -301,7 +301,7 @@ def write_tasks(built: list[BuiltTask], out_dir: str | Path, settings: dict | No
 
     Returns the ``tasks.json`` content. Files are written atomically (``rundir.atomic_*``).
     """
-    from ..core.atomic import atomic_write_json, atomic_write_text
+    from .atomic import atomic_write_json, atomic_write_text
 
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
