@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from puzzlelib.evaluation import stage as E
-from puzzlelib.evaluation import errors as evaluation_errors
 from puzzlelib.evaluation import report
 from puzzlelib.evaluation import throughput
 from puzzlelib.evaluation import uncertainty
@@ -173,7 +172,7 @@ def test_report_split_keeps_timings_out_of_metrics_and_merges_back(tmp_path, cap
     d = tmp_path / "report"
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps(da))
-    with pytest.raises(evaluation_errors.EvaluationError, match="timings.json is missing"):
+    with pytest.raises(T.EvaluationError, match="timings.json is missing"):
         report.read_report(d / "metrics.json")
     readme = tmp_path / "README.md"
     readme.write_text(f"{report.MARKERS[0]}\n{report.MARKERS[1]}\n")
@@ -240,7 +239,7 @@ def test_cached_greedy_decoding_equals_generate_and_throughput_is_relative(tiny_
     raw = thr["samples"]["wall"]["child"]["b2"]
     assert c["b2"]["tokens_per_s"] == pytest.approx(2 * 4 / np.median(np.add(raw["prefill_s"], raw["decode_s"])))
     assert c["b2"]["prefill_tokens_per_s"] == pytest.approx(2 * 8 / np.median(raw["prefill_s"]))
-    with pytest.raises(evaluation_errors.EvaluationError, match="reference"):
+    with pytest.raises(T.EvaluationError, match="reference"):
         throughput.measure_throughput({"child": child}, [(1, 8, 4)], rounds=1, progress=False)
 
 
@@ -378,13 +377,13 @@ def test_exported_child_evaluates_through_the_lm_eval_command_line(pipeline, tmp
     # Stage 05 exports children without a tokenizer (reported); the parent's is the same one.
     tok = None if (child / "tokenizer.json").is_file() else parent.load(cfg).model_dir
     st = res.metrics["settings"]
-    cmd = E.lm_eval_command(child, res.dir / "tasks", batch_size=4, limit=3, max_length=st["max_length"],
+    cmd = T.lm_eval_command(child, res.dir / "tasks", batch_size=4, limit=3, max_length=st["max_length"],
                             prefix_token_id=st["prefix_token_id"], tokenizer=tok)
     assert cmd[:4] == ["lm_eval", "--model", "hf", "--model_args"]
     # The child's folder carries the command stage 06's settings give (export.json and README.md).
     exported = json.loads((child / "export.json").read_text())["lm_eval"]
     assert (exported["max_length"], exported["prefix_token_id"]) == (st["max_length"], st["prefix_token_id"])
-    assert exported["command"] == E.lm_eval_command(child, res.dir / "tasks", batch_size=cfg.eval_batch_size,
+    assert exported["command"] == T.lm_eval_command(child, res.dir / "tasks", batch_size=cfg.eval_batch_size,
                                                     max_length=st["max_length"], prefix_token_id=st["prefix_token_id"])
     assert " ".join(exported["command"]) in (child / "README.md").read_text()
     assert cmd[4].startswith(f"pretrained={child},trust_remote_code=True")

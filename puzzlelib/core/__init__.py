@@ -4,6 +4,7 @@
 directory, stage manifests, freshness, environment capture) and `atomic` (atomic writes);
 `precision` and `distributed` (machine knobs, torchrun ranks); `data` (corpus, tokenizer, packed
 batches); `model`, `blocks`, `configuration_decilm`, `modeling_decilm`, `export` (the model and
-its checkpoint format); `figures` (what the stages' figures share).
+its checkpoint format); `eval_tasks` (the local lm-eval tasks and settings stages 05 and 06
+share); `train` (optimiser, LR schedule, resume); `figures` (what the stages' figures share).
 Nothing here imports a stage package. Nothing is re-exported here: import from the module.
 """

@@ -1,4 +1,6 @@
-"""Local lm-evaluation-harness tasks built from held-out files: deterministic, offline, hashed.
+"""Local lm-evaluation-harness tasks built from held-out files: deterministic, offline, hashed;
+and the lm-eval settings and command that reproduce stage 06's numbers (stage 05 writes them into
+every exported child's README, stage 06 runs them), with ``EvaluationError``.
 
 What it does: turns the held-out documents of the run's corpus (files the parent never trained on,
 split by ``data.load_corpus``) into three lm-eval tasks, every model of stage 06 answering the very
@@ -25,7 +27,12 @@ Python indentation) and report lm-eval's ``acc`` and ``acc_norm``; next-line als
 Every sample is drawn by a numpy generator seeded with (seed, task), so the same corpus and config
 give byte-identical JSONL files; :func:`write_tasks` records their sha256.
 
-Reads: nothing (the caller passes the documents). Writes (``write_tasks``): ``<dir>/<task>.jsonl``,
+``build_local_tasks`` builds the run's tasks from its held-out split (checked against the
+fingerprint stage 00 recorded); ``hflm_settings`` gives what lm-eval's ``HFLM`` needs besides the
+model and where stage 06 writes the task files; ``lm_eval_command`` the command line for an
+exported checkpoint.
+
+Reads: nothing but the corpus (``build_local_tasks``) and stage 00's ``corpus.json``. Writes (``write_tasks``): ``<dir>/<task>.jsonl``,
 ``<dir>/<task>.yaml`` and ``<dir>/tasks.json``; the YAMLs point at the JSONL files by absolute path,
 so ``lm_eval --include_path <dir>`` works from any working directory as long as the run directory
 stays where it is. Leaves out: generative tasks (exact-match on code is near zero for a model this
@@ -44,6 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import RunConfig
+from .rundir import RunDir
+
 NEXT_LINE, NAME_RECALL, BPB = "puzzle_next_line", "puzzle_name_recall", "puzzle_bpb"
 MC_TASKS = (NEXT_LINE, NAME_RECALL)
 LOCAL_TASKS = (NEXT_LINE, NAME_RECALL, BPB)
@@ -57,6 +67,15 @@ MIN_NAME_CHARS = 3
 _SKIP_NAMES = set(keyword.kwlist) | set(getattr(keyword, "softkwlist", [])) | {"self", "cls"}
 _NAME = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z_][A-Za-z0-9_]*")
 _TASK_SEEDS = {NEXT_LINE: 0x4E4C, NAME_RECALL: 0x4E52, BPB: 0xB9B}
+
+# The stage whose run folder holds the task files (``hflm_settings``' ``tasks_dir``).
+TASKS_STAGE = "06_evaluation"
+
+
+class EvaluationError(ValueError):
+    """Stage 06 (or the evaluation protocol here) cannot go on with this input; the message says
+    what to change. Every part of stage 06 raises it, and stage 05 catches it when it cannot write
+    the lm-eval command into an exported child."""
 
 
 class TaskBuildError(ValueError):
@@ -330,3 +349,78 @@ def task_manager(tasks_dir: str | Path, include_defaults: bool = False):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(Path(tasks_dir).absolute()), include_defaults=include_defaults)
+
+
+# ---- the run's tasks and the lm-eval settings stage 05 and stage 06 share -----------------------
+def task_settings(cfg: RunConfig) -> dict:
+    return dict(next_line=cfg.eval_next_line_samples, name_recall=cfg.eval_name_samples,
+                bpb_chunks=cfg.eval_bpb_chunks, bpb_chunk_bytes=cfg.eval_bpb_chunk_bytes,
+                context_lines=cfg.eval_context_lines, seed=cfg.seed)
+
+
+def build_local_tasks(cfg: RunConfig, parent_dir: Path | None = None) -> list[BuiltTask]:
+    """The run's local tasks, in memory, from the held-out split ``data.load_corpus`` reproduces.
+
+    With ``parent_dir`` (stage 00's folder) the split is checked against the fingerprint stage 00
+    recorded, so the tasks never use text the parent trained on (another Python's stdlib would).
+    """
+    from . import data
+
+    corpus = data.load_corpus(cfg.corpus, cfg.corpus_max_bytes, cfg.heldout_fraction, cfg.seed)
+    if parent_dir is not None:
+        recorded = json.loads((Path(parent_dir) / "corpus.json").read_text()).get("fingerprint")
+        if recorded != corpus.fingerprint:
+            raise EvaluationError(
+                f"the corpus read now (fingerprint {corpus.fingerprint[:12]}, Python "
+                f"{corpus.python_version}) differs from the one stage 00 split (fingerprint "
+                f"{str(recorded)[:12]}): held-out files could overlap the parent's training files. "
+                "Run the pipeline on the Python that ran stage 00, or rerun notebooks/00_parent.ipynb")
+    return build_tasks(corpus.heldout_docs, corpus.heldout_names, **task_settings(cfg))
+
+
+def lm_eval_max_length(seq_len: int, max_positions: int, built: list[BuiltTask], tokenizer) -> int:
+    """The window lm-eval scores in: the training length ``seq_len`` (longer contexts are cut from
+    the left, as the model saw them in training), widened only when an answer choice alone needs
+    more tokens (lm-eval refuses a choice longer than its window)."""
+    longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for t in built
+                   if t.kind == "multiple_choice" for r in t.rows for c in r["choices"]), default=0)
+    need = max(seq_len, longest + 8)  # + a few tokens of context
+    if need > max_positions:
+        raise EvaluationError(f"an answer choice is {longest} tokens long but the model has only {max_positions} "
+                              "positions: lower eval_context_lines or use a parent with longer positions")
+    return min(need, max_positions)
+
+
+def hflm_settings(cfg: RunConfig, built: list[BuiltTask], tokenizer, max_positions: int) -> dict:
+    """What stage 06 hands lm-eval's ``HFLM`` besides the model, and where it writes the tasks.
+
+    Stage 05 writes it into every exported child (``export.save_checkpoint(lm_eval=...)``): lm-eval
+    reads ``max_length`` and ``prefix_token_id`` only from ``--model_args`` (a model folder's
+    config gives it ``max_position_embeddings`` and the tokenizer's BOS instead), so the folder's
+    README spells out the command that reproduces this stage's numbers.
+    """
+    return {"max_length": lm_eval_max_length(cfg.seq_len, max_positions, built, tokenizer),
+            "prefix_token_id": tokenizer.eos_token_id if cfg.parent == "embedded" else None,  # see evaluate_model
+            "batch_size": cfg.eval_batch_size, "tasks": list(LOCAL_TASKS),
+            "tasks_dir": str(RunDir(cfg, create=False).stage_dir(TASKS_STAGE) / "tasks")}
+
+
+def lm_eval_command(checkpoint: str | Path, tasks_dir: str | Path, tasks: tuple[str, ...] = LOCAL_TASKS,
+                    batch_size: int = 8, max_length: int | None = None, limit: int | None = None,
+                    device: str = "cpu", prefix_token_id: int | None = None,
+                    tokenizer: str | Path | None = None) -> list[str]:
+    """The ``lm_eval`` command line that evaluates an exported checkpoint on the local tasks in a
+    separate process, as anyone without this kit would (``trust_remote_code`` loads the
+    DeciLM code written into the checkpoint). With the stage's ``max_length`` and
+    ``prefix_token_id`` (see ``evaluate_model``) it reproduces the stage's numbers. ``tokenizer``:
+    a folder holding the tokenizer, when the checkpoint has none of its own."""
+    args = f"pretrained={Path(checkpoint).absolute()},trust_remote_code=True"
+    if tokenizer is not None:
+        args += f",tokenizer={Path(tokenizer).absolute()}"
+    if max_length:
+        args += f",max_length={max_length}"
+    if prefix_token_id is not None:
+        args += f",prefix_token_id={prefix_token_id}"
+    cmd = ["lm_eval", "--model", "hf", "--model_args", args, "--tasks", ",".join(tasks),
+           "--include_path", str(Path(tasks_dir).absolute()), "--batch_size", str(batch_size), "--device", device]
+    return cmd + (["--limit", str(limit)] if limit else [])

@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .configuration_decilm import PuzzleConfig, legacy_rope_fields, width_to_ffn_mult
+from .eval_tasks import lm_eval_command
 from .modeling_decilm import PuzzleForCausalLM
 
 _HERE = Path(__file__).resolve().parent
@@ -202,9 +203,7 @@ def tensors_to_save(model: PuzzleForCausalLM) -> dict[str, torch.Tensor]:
 
 def lm_eval_for(out_dir: str | Path, settings: dict) -> dict:
     """``settings`` (``max_length``, ``prefix_token_id``, ``tasks``, ``tasks_dir``, ``batch_size``,
-    as ``evaluation.hflm_settings`` gives them) plus the ``lm_eval`` command for ``out_dir``."""
-    from ..evaluation.stage import lm_eval_command
-
+    as ``eval_tasks.hflm_settings`` gives them) plus the ``lm_eval`` command for ``out_dir``."""
     cmd = lm_eval_command(out_dir, settings["tasks_dir"], tuple(settings["tasks"]),
                           batch_size=settings["batch_size"], max_length=settings["max_length"],
                           prefix_token_id=settings["prefix_token_id"])

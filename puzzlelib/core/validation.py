@@ -11,7 +11,7 @@ are refused up front, with the estimate) and the config's values (`_corpus_error
 path with an unknown suffix is a folder). Writes: nothing.
 Leaves out: raising (the functions return error strings; `config.py` raises), unknown-key and
 unknown-stage checks (`config.py`, they need the dataclass), and checks that need a parent or
-an artifact (`bld.plan`, `search.py`, `tasks.py`, `data.py`). `RunConfig` is imported for type
+an artifact (`bld.plan`, `search.py`, `eval_tasks.py`, `data.py`). `RunConfig` is imported for type
 hints only, so `config.py` can import this module without a cycle.
 """
 
@@ -193,7 +193,7 @@ def range_errors(c: RunConfig) -> list[str]:
 
 
 def _eval_errors(c: RunConfig) -> list[str]:
-    """06_evaluation's checks (whether the held-out split has enough text is checked by tasks.py)."""
+    """06_evaluation's checks (whether the held-out split has enough text is checked by eval_tasks.py)."""
     e = [f"{n} must be >= 1, got {getattr(c, n)}" for n in (
         "eval_next_line_samples", "eval_name_samples", "eval_bpb_chunks", "eval_batch_size",
         "eval_speed_rounds", "eval_calibration_bins") if getattr(c, n) < 1]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..core import eval_tasks as T
 from ..core.config import RunConfig, project_root, resolve_path
-from .errors import EvaluationError
+from ..core.eval_tasks import EvaluationError
 from ..core.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # only for the annotation: evaluation imports this module

@@ -1,7 +1,7 @@
 """Stage 06 — evaluation: how much of the parent each child keeps, and how much faster it really is.
 
 What it does (DESIGN.md §1.6):
-* builds local lm-evaluation-harness tasks from the held-out files (``tasks.py``: "which line comes
+* builds local lm-evaluation-harness tasks from the held-out files (``core/eval_tasks.py``: "which line comes
   next", "which name comes next", bits per byte), the same samples for every model, and — for a
   Hugging Face parent on a machine with network — adds the standard tasks named in
   ``eval_hf_tasks`` (e.g. ``mmlu,hellaswag,arc_easy``);
@@ -24,11 +24,12 @@ What it does (DESIGN.md §1.6):
   measurement), ``environment.json`` and the headline figure, and can regenerate the README's
   results table from ``reports/default/metrics.json`` + ``timings.json``.
 
-Where the parts live: this module is the stage itself (the tasks, lm-eval, the models compared, the
+Where the parts live: this module is the stage itself (lm-eval on the models compared, the
 comparison table and headline, ``run`` / ``load``); ``uncertainty.py`` holds the calibration and
 selective-prediction metrics and the bootstrap interval, ``throughput.py`` the speed measurement,
-``report.py`` the report folder and the README table, ``errors.py`` the error all of them
-raise; import each name from the module that defines it (docs/modules.md).
+``report.py`` the report folder and the README table; ``core/eval_tasks.py`` the tasks, the
+lm-eval settings and command (stage 05 writes them into each exported child) and
+``EvaluationError``; import each name from the module that defines it (docs/modules.md).
 
 Reads stages 00 (parent, tokenizer, corpus fingerprint), 01 (cost table, scenarios), 02 (library,
 for the children before GKD), 04 (child specs, Pareto front) and 05 (distilled checkpoints).
@@ -56,7 +57,7 @@ from tqdm import tqdm
 
 from ..core import eval_tasks as T
 from ..core.config import RunConfig
-from .errors import EvaluationError
+from ..core.eval_tasks import EvaluationError
 from ..core import model as _auto_classes  # noqa: F401  (importing it registers "nemotron-nas" with the Auto classes)
 from ..core.modeling_decilm import PuzzleForCausalLM
 from ..core.rundir import UPSTREAM, RunDir
@@ -239,59 +240,6 @@ def _load(rd: RunDir, reused: bool) -> EvaluationResult:
     return EvaluationResult(d, read("metrics.json"), read("throughput.json"), read("tasks/tasks.json"), reused)
 
 
-def _task_settings(cfg: RunConfig) -> dict:
-    return dict(next_line=cfg.eval_next_line_samples, name_recall=cfg.eval_name_samples,
-                bpb_chunks=cfg.eval_bpb_chunks, bpb_chunk_bytes=cfg.eval_bpb_chunk_bytes,
-                context_lines=cfg.eval_context_lines, seed=cfg.seed)
-
-
-def build_local_tasks(cfg: RunConfig, parent_dir: Path | None = None) -> list[T.BuiltTask]:
-    """The run's local tasks, in memory, from the held-out split ``data.load_corpus`` reproduces.
-
-    With ``parent_dir`` (stage 00's folder) the split is checked against the fingerprint stage 00
-    recorded, so the tasks never use text the parent trained on (another Python's stdlib would).
-    """
-    from ..core import data
-
-    corpus = data.load_corpus(cfg.corpus, cfg.corpus_max_bytes, cfg.heldout_fraction, cfg.seed)
-    if parent_dir is not None:
-        recorded = json.loads((Path(parent_dir) / "corpus.json").read_text()).get("fingerprint")
-        if recorded != corpus.fingerprint:
-            raise EvaluationError(
-                f"the corpus read now (fingerprint {corpus.fingerprint[:12]}, Python "
-                f"{corpus.python_version}) differs from the one stage 00 split (fingerprint "
-                f"{str(recorded)[:12]}): held-out files could overlap the parent's training files. "
-                "Run the pipeline on the Python that ran stage 00, or rerun notebooks/00_parent.ipynb")
-    return T.build_tasks(corpus.heldout_docs, corpus.heldout_names, **_task_settings(cfg))
-
-
-def lm_eval_max_length(seq_len: int, max_positions: int, built: list[T.BuiltTask], tokenizer) -> int:
-    """The window lm-eval scores in: the training length ``seq_len`` (longer contexts are cut from
-    the left, as the model saw them in training), widened only when an answer choice alone needs
-    more tokens (lm-eval refuses a choice longer than its window)."""
-    longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for t in built
-                   if t.kind == "multiple_choice" for r in t.rows for c in r["choices"]), default=0)
-    need = max(seq_len, longest + 8)  # + a few tokens of context
-    if need > max_positions:
-        raise EvaluationError(f"an answer choice is {longest} tokens long but the model has only {max_positions} "
-                              "positions: lower eval_context_lines or use a parent with longer positions")
-    return min(need, max_positions)
-
-
-def hflm_settings(cfg: RunConfig, built: list[T.BuiltTask], tokenizer, max_positions: int) -> dict:
-    """What this stage hands lm-eval's ``HFLM`` besides the model, and where it writes the tasks.
-
-    Stage 05 writes it into every exported child (``export.save_checkpoint(lm_eval=...)``): lm-eval
-    reads ``max_length`` and ``prefix_token_id`` only from ``--model_args`` (a model folder's
-    config gives it ``max_position_embeddings`` and the tokenizer's BOS instead), so the folder's
-    README spells out the command that reproduces this stage's numbers.
-    """
-    return {"max_length": lm_eval_max_length(cfg.seq_len, max_positions, built, tokenizer),
-            "prefix_token_id": tokenizer.eos_token_id if cfg.parent == "embedded" else None,  # see evaluate_model
-            "batch_size": cfg.eval_batch_size, "tasks": list(T.LOCAL_TASKS),
-            "tasks_dir": str(RunDir(cfg, create=False).stage_dir(STAGE) / "tasks")}
-
-
 def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     """Run (or reuse) stage 06 for ``cfg``: every model's accuracy, uncertainty and speed."""
     rd = RunDir(cfg)
@@ -310,7 +258,7 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
 
     t_start = time.perf_counter()
     pres = parent_stage.load(cfg)
-    built = build_local_tasks(cfg, pres.dir)  # bad sample counts fail here, before any artifact
+    built = T.build_local_tasks(cfg, pres.dir)  # bad sample counts fail here, before any artifact
     prof, sres, gres = profiling.load(cfg), search.load(cfg), gkd.load(cfg)
     device = profiling_timing.resolve_device(cfg.device)
     speed_threads = profiling.stage_threads(cfg)
@@ -321,12 +269,12 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
     entries, notes = collect_models(cfg, parent_model, pres.model_dir, sres, gres, prof.costs,
                                     lambda: bld.load(cfg).library_dir)
     scenarios = [(s.batch, s.prompt_len, s.gen_len) for s in prof.costs.scenarios]
-    hflm = hflm_settings(cfg, built, tokenizer, parent_model.config.max_position_embeddings)
+    hflm = T.hflm_settings(cfg, built, tokenizer, parent_model.config.max_position_embeddings)
     prefix, max_length = hflm["prefix_token_id"], hflm["max_length"]
     with rd.stage(STAGE) as st:
         for old in ("tasks", "results"):  # a previous attempt's files (e.g. of a model no longer chosen)
             shutil.rmtree(st.dir / old, ignore_errors=True)
-        info = T.write_tasks(built, st.dir / "tasks", _task_settings(cfg))
+        info = T.write_tasks(built, st.dir / "tasks", T.task_settings(cfg))
         loaded = T.task_manager(st.dir / "tasks").load(list(T.LOCAL_TASKS))
         hf_names = [t.strip() for t in cfg.eval_hf_tasks.split(",") if t.strip()]
         hf_loaded = T.task_manager(st.dir / "tasks", include_defaults=True).load(hf_names) if hf_names else None
@@ -471,24 +419,3 @@ def curve_data(result: EvaluationResult, task: str, names: list[str] | None = No
         out[name] = {"coverage": cov, "risk": risk, "reliability": reliability(conf, ok, bins), "aurc": aurc(conf, ok),
                      "ece": ece(conf, ok, bins), "method": row["method"], "gkd": row["gkd"]}
     return out
-
-
-def lm_eval_command(checkpoint: str | Path, tasks_dir: str | Path, tasks: tuple[str, ...] = T.LOCAL_TASKS,
-                    batch_size: int = 8, max_length: int | None = None, limit: int | None = None,
-                    device: str = "cpu", prefix_token_id: int | None = None,
-                    tokenizer: str | Path | None = None) -> list[str]:
-    """The ``lm_eval`` command line that evaluates an exported checkpoint on the local tasks in a
-    separate process, as anyone without this kit would (``trust_remote_code`` loads the
-    DeciLM code written into the checkpoint). With the stage's ``max_length`` and
-    ``prefix_token_id`` (see ``evaluate_model``) it reproduces the stage's numbers. ``tokenizer``:
-    a folder holding the tokenizer, when the checkpoint has none of its own."""
-    args = f"pretrained={Path(checkpoint).absolute()},trust_remote_code=True"
-    if tokenizer is not None:
-        args += f",tokenizer={Path(tokenizer).absolute()}"
-    if max_length:
-        args += f",max_length={max_length}"
-    if prefix_token_id is not None:
-        args += f",prefix_token_id={prefix_token_id}"
-    cmd = ["lm_eval", "--model", "hf", "--model_args", args, "--tasks", ",".join(tasks),
-           "--include_path", str(Path(tasks_dir).absolute()), "--batch_size", str(batch_size), "--device", device]
-    return cmd + (["--limit", str(limit)] if limit else [])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import EvaluationError
+from ..core.eval_tasks import EvaluationError
 from ..core.modeling_decilm import PuzzleCache, PuzzleForCausalLM
 
 # ------------------------------------------------------------------------------- throughput

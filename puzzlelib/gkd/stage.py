@@ -309,7 +309,7 @@ def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Pa
                      stop_after: int | None = None, tokenizer=None, lm_eval: dict | None = None) -> dict:
     """Distil every child from the library; export each; return the metrics.
 
-    ``lm_eval``: stage 06's HFLM settings (``evaluation.hflm_settings``); each exported child's
+    ``lm_eval``: stage 06's HFLM settings (``eval_tasks.hflm_settings``); each exported child's
     README.md then holds the ``lm_eval`` command that reproduces stage 06's numbers.
 
     ``children`` holds stage 04's ``ChildSpec``s (built with ``spec.build_model``, which follows the
@@ -384,8 +384,7 @@ def _children_from_search(cfg: RunConfig) -> list:
 def _hflm_settings(cfg: RunConfig, pres, tokenizer, parent) -> dict | None:
     """Stage 06's lm-eval settings for the children's README (None, with a note, when stage 06
     could not build its tasks: it will say why itself)."""
-    from ..evaluation.errors import EvaluationError
-    from ..evaluation.stage import build_local_tasks, hflm_settings
+    from ..core.eval_tasks import EvaluationError, build_local_tasks, hflm_settings
 
     try:
         built = build_local_tasks(cfg, pres.dir)
