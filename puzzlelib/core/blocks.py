@@ -29,7 +29,7 @@ import torch
 
 from .configuration_decilm import PuzzleConfig
 from .modeling_decilm import PuzzleForCausalLM
-from .model import child_config
+from .model import child_config, load_weights
 
 # The paper's FFN menu for Llama-70B (fractions of the parent width; 1.00 is the parent's own).
 DEFAULT_FFN_FRACTIONS = (1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1)
@@ -332,12 +332,5 @@ def build_child(parent: PuzzleForCausalLM, choices: list[tuple[Variant | str, Va
             if w is None:
                 w = init_variant(parent, i, v, channel_scores)
             state.update({f"model.layers.{i}.{k}": t for k, t in w.items()})
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = child.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise VariantError(f"Block weights do not fit the child: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    if cfg.tie_word_embeddings:
-        child.tie_weights()
+    load_weights(child, state, VariantError, "Block weights do not fit the child")
     return child.eval()

@@ -44,11 +44,29 @@ __all__ = [
     "count_params",
     "from_llama",
     "load_parent",
+    "load_weights",
 ]
 
 
 class ParentError(ValueError):
     """A parent model the kit cannot convert; the message says what is supported."""
+
+
+def load_weights(model: PuzzleForCausalLM, state: dict[str, torch.Tensor], error: type[Exception],
+                 what: str) -> None:
+    """``model.load_state_dict(state)`` that raises ``error("<what>: missing …, unexpected …")`` for
+    any missing or unexpected tensor (a tied LM head excepted) instead of keeping a silently random
+    weight, then ties the embeddings when the config says so. (Checkpoints on disk are loaded
+    strictly by ``export.load_checkpoint``; this is for state dicts assembled in memory.)"""
+    tied = model.config.tie_word_embeddings
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise error(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    if tied:
+        model.tie_weights()
 
 
 def _puzzle_config_from_hf(cfg) -> PuzzleConfig:
@@ -105,14 +123,7 @@ def from_llama(hf_model: PreTrainedModel, dtype: torch.dtype | None = None) -> P
             key = f"model.layers.{i}.self_attn.o_proj.bias"
             if key not in state:
                 state[key] = torch.zeros(config.hidden_size, dtype=dtype)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ParentError(f"Parent tensors do not match a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    load_weights(model, state, ParentError, "Parent tensors do not match a Llama layout")
     return model.eval()
 
 
