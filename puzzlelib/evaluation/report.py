@@ -291,7 +291,7 @@ def update_readme_results(readme_path: str | Path = "README.md",
         print(f"update_readme_results: {e}; README left unchanged")
         return False
     block = (f"\n{headline_sentence(m)}\n\n{results_table(m)}\n\n"
-             f"<sub>Generated from `{_shown(metrics_path)}` by `puzzlelib.evaluation.stage.update_readme_results` "
+             f"<sub>Generated from `{_shown(metrics_path)}` by `puzzlelib.evaluation.report.update_readme_results` "
              f"(run `{m['run_name']}`, {m['device']}, {m['threads']} threads).</sub>\n")
     new = text[: start + len(MARKERS[0])] + block + text[end:]
     if new != text:
