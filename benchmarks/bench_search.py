@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 from puzzlelib.search.mip import Budget, Option, Problem
-from puzzlelib.search.stage import Searcher
+from puzzlelib.search.searcher import Searcher
 
 ATTN = {"attn:kv8": 8, "attn:kv4": 4, "attn:kv2": 2, "attn:kv1": 1, "attn:linear": -1, "attn:noop": 0}
 FFN = {"ffn:1.00": 1.0, "ffn:0.875": 0.875, "ffn:0.75": 0.75, "ffn:0.50": 0.5, "ffn:0.25": 0.25,

@@ -15,7 +15,7 @@ import pytest
 from puzzlelib.search import mip
 from puzzlelib.core.config import ConfigError, RunConfig
 from puzzlelib.search.mip import Budget, Option, Problem, Range, SearchError
-from puzzlelib.search.stage import Searcher
+from puzzlelib.search.searcher import Searcher
 
 try:
     import gurobipy  # noqa: F401

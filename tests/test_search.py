@@ -17,7 +17,7 @@ from puzzlelib.search import baselines, mip, stage as search
 from puzzlelib.core.config import ConfigError, RunConfig
 from puzzlelib.profiling.costs import CostTable, Scenario
 from puzzlelib.search.mip import Budget, InfeasibleBudget, Option, Problem
-from puzzlelib.search.stage import ChildSpec, Searcher
+from puzzlelib.search.searcher import ChildSpec, Searcher
 
 try:
     import gurobipy  # noqa: F401

@@ -1,7 +1,7 @@
 """Baselines at the same budget as the MIP — what Puzzle's search has to beat.
 
-What it does: given a :class:`~puzzlelib.search.stage.Searcher` (problem + budget), builds four children,
-each a :class:`~puzzlelib.search.stage.ChildSpec` like the MIP's, so stages 05/06 train and evaluate
+What it does: given a :class:`~puzzlelib.search.searcher.Searcher` (problem + budget), builds four children,
+each a :class:`~puzzlelib.search.searcher.ChildSpec` like the MIP's, so stages 05/06 train and evaluate
 them alike:
 
 * **uniform** (Minitron-style width/KV pruning): the *same* GQA KV-head count and SwiGLU width in
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .mip import Budget, Option, constraint_rows
-from .stage import ChildSpec, Searcher, pareto_row
+from .searcher import ChildSpec, Searcher, pareto_row
 
 METHODS = ("uniform", "depth", "greedy", "random")
 
