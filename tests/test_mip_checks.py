@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from puzzlelib.search import mip
+from puzzlelib.core import validation
 from puzzlelib.core.config import ConfigError, RunConfig
-from puzzlelib.search.mip import Budget, Option, Problem, Range, SearchError
+from puzzlelib.search.mip import Budget, Option, Problem, SearchError
+from puzzlelib.core.validation import Range
 from puzzlelib.search.searcher import Searcher
 
 try:
@@ -303,7 +305,7 @@ def test_ranges_equal_brute_force_with_lower_and_upper_bounds():
     # an impossible lower bound is explained with the largest value reachable
     with pytest.raises(mip.InfeasibleBudget, match="largest value any child reaches"):
         Searcher(p, Budget(ranges=(Range("params", lo=2 * par),)), solver="highs").best()
-    assert mip.parse_ranges("1e9<=params<=4e9; kv_heads>=40 , decode_ms@b8<=3") == (
+    assert validation.parse_ranges("1e9<=params<=4e9; kv_heads>=40 , decode_ms@b8<=3") == (
         Range("params", 1e9, 4e9), Range("kv_heads", 40.0, None), Range("decode_ms@b8", None, 3.0))
 
 

@@ -5,6 +5,8 @@ What it does: `coerce_value` converts a value to its field's declared type (1 ->
 helpers `_bld_errors`, `_search_errors`, `_eval_errors` and `_corpus_errors`) lists every
 out-of-range value with the fix; `did_you_mean` adds a "did you mean" to an unknown name.
 `RunConfig.__post_init__` (`config.py`) calls them and raises one `ConfigError` for all errors.
+`parse_ranges` reads `search_constraints` into `Range`s (the one grammar: the check here and
+the search's constraint rows, `search/mip.py`, both use it; `RangeError` says how to write it).
 
 Reads: nothing but the machine's memory size (`limits.memory_errors`: sizes that cannot fit
 are refused up front, with the estimate) and the config's values (`_corpus_errors` asks whether a
@@ -236,11 +238,9 @@ def _search_errors(c: RunConfig) -> list[str]:
         e.append(f"search_random_tries must be >= 0, got {c.search_random_tries}")
     if c.search_min_diff_layers < 0:
         e.append(f"search_min_diff_layers must be >= 0 (0 = use search_min_diff_fraction), got {c.search_min_diff_layers}")
-    from ..search.mip import SearchError, parse_ranges  # imported here: mip imports config, which imports this module
-
     try:
         parse_ranges(c.search_constraints)
-    except SearchError as err:
+    except RangeError as err:
         e.append(str(err))
     return e
 
@@ -317,3 +317,47 @@ def _corpus_errors(corpus: str) -> list[str]:
 def did_you_mean(word: str, options: Any) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- search_constraints: its grammar (search/mip.py turns each Range into a constraint row) -------
+class RangeError(ValueError):
+    """``search_constraints`` cannot be read; the message says how to write it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """``lo ≤ Σ stat ≤ hi`` over the child's blocks plus the fixed part; None leaves a side open.
+    ``stat``: any cost-table statistic (``Problem.stats``), e.g. params, weight_bytes,
+    kv_bytes_per_token, kv_heads, decode_ms (at the batch solved) or decode_ms@b8, memory_bytes."""
+
+    stat: str
+    lo: float | None = None
+    hi: float | None = None
+
+    def __str__(self) -> str:
+        return "".join([f"{self.lo:g} <= " if self.lo is not None else "", self.stat,
+                        f" <= {self.hi:g}" if self.hi is not None else ""])
+
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_RANGE = re.compile(rf"(?:(?P<lo>{_NUM})<=)?(?P<stat>[A-Za-z_][\w@.]*)(?:(?P<op><=|>=)(?P<v>{_NUM}))?")
+
+
+def parse_ranges(text: str) -> tuple[Range, ...]:
+    """``"params<=4e9, 1e9<=weight_bytes<=2e9, kv_heads>=40"`` -> :class:`Range` s (``,`` or ``;``
+    between items; values in the statistic's own unit: parameters, bytes, ms, heads)."""
+    out = []
+    for item in re.split(r"[;,]", text):
+        item = item.replace(" ", "")
+        if not item:
+            continue
+        m = _RANGE.fullmatch(item)
+        if not m or (m["lo"] is None and m["op"] is None) or (m["lo"] is not None and m["op"] == ">="):
+            raise RangeError(f"search_constraints: cannot read {item!r}; write 'stat<=x', 'stat>=x' or "
+                              "'lo<=stat<=hi', e.g. 'params<=4e9, 1e9<=weight_bytes<=2e9'")
+        lo = float(m["lo"]) if m["lo"] is not None else (float(m["v"]) if m["op"] == ">=" else None)
+        hi = float(m["v"]) if m["op"] == "<=" else None
+        if lo is not None and hi is not None and lo > hi:
+            raise RangeError(f"search_constraints: {item!r} has its lower bound above its upper bound")
+        out.append(Range(m["stat"], lo, hi))
+    return tuple(out)

@@ -24,7 +24,6 @@ writes nothing. Leaves out: anything about where costs and scores come from.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..core.config import RunConfig
+from ..core.validation import Range, parse_ranges
 
 # Scores where larger means closer to the parent; everything else (kl, lm_loss, ...) is minimised.
 # Only the default of build_problem's ``bigger_is_better`` (config: search_bigger_is_better="auto").
@@ -245,45 +245,6 @@ def build_problem(costs, scores: Mapping[tuple[int, str], float], metric: str = 
 
 
 # ------------------------------------------------------------------------------ budgets
-
-@dataclass(frozen=True)
-class Range:
-    """``lo ≤ Σ stat ≤ hi`` over the child's blocks plus the fixed part; None leaves a side open.
-    ``stat``: any cost-table statistic (``Problem.stats``), e.g. params, weight_bytes,
-    kv_bytes_per_token, kv_heads, decode_ms (at the batch solved) or decode_ms@b8, memory_bytes."""
-
-    stat: str
-    lo: float | None = None
-    hi: float | None = None
-
-    def __str__(self) -> str:
-        return "".join([f"{self.lo:g} <= " if self.lo is not None else "", self.stat,
-                        f" <= {self.hi:g}" if self.hi is not None else ""])
-
-
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RANGE = re.compile(rf"(?:(?P<lo>{_NUM})<=)?(?P<stat>[A-Za-z_][\w@.]*)(?:(?P<op><=|>=)(?P<v>{_NUM}))?")
-
-
-def parse_ranges(text: str) -> tuple[Range, ...]:
-    """``"params<=4e9, 1e9<=weight_bytes<=2e9, kv_heads>=40"`` -> :class:`Range` s (``,`` or ``;``
-    between items; values in the statistic's own unit: parameters, bytes, ms, heads)."""
-    out = []
-    for item in re.split(r"[;,]", text):
-        item = item.replace(" ", "")
-        if not item:
-            continue
-        m = _RANGE.fullmatch(item)
-        if not m or (m["lo"] is None and m["op"] is None) or (m["lo"] is not None and m["op"] == ">="):
-            raise SearchError(f"search_constraints: cannot read {item!r}; write 'stat<=x', 'stat>=x' or "
-                              "'lo<=stat<=hi', e.g. 'params<=4e9, 1e9<=weight_bytes<=2e9'")
-        lo = float(m["lo"]) if m["lo"] is not None else (float(m["v"]) if m["op"] == ">=" else None)
-        hi = float(m["v"]) if m["op"] == "<=" else None
-        if lo is not None and hi is not None and lo > hi:
-            raise SearchError(f"search_constraints: {item!r} has its lower bound above its upper bound")
-        out.append(Range(m["stat"], lo, hi))
-    return tuple(out)
-
 
 @dataclass(frozen=True)
 class Budget:
