@@ -129,9 +129,10 @@ def test_bad_corpora_raise_helpful_errors(tmp_path, monkeypatch):
     (tmp_path / "data.csv").write_text("a,b\n")
     assert ".jsonl" in _error(str(tmp_path / "data.csv"))
     (tmp_path / "tiny.txt").write_text("one line\n")
-    assert "heldout_fraction=0" in _error(str(tmp_path / "tiny.txt"))
+    tiny = _error(str(tmp_path / "tiny.txt"))  # advice that validation accepts (#17 A8)
+    assert "one document" in tiny and "2 KB or more" in tiny and "heldout_fraction=0" not in tiny
     assert data.load_corpus(str(tmp_path / "tiny.txt"), 100, 0.0, 0).train_docs == ["one line\n"]
-    assert "raise max_bytes" in _error("stdlib", max_bytes=10)
+    assert "raise corpus_max_bytes" in _error("stdlib", max_bytes=10)
     assert "heldout_fraction" in _error("stdlib", heldout_fraction=1.0)
     (tmp_path / "empty_dir").mkdir()
     assert "empty" in _error(str(tmp_path / "empty_dir"))

@@ -19,6 +19,8 @@ def _manifest(d, stage, status="done", seconds=12.0, **metrics):
 @pytest.fixture
 def fake_run(tmp_path):
     run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # every run folder holds one; `figure` checks for it
     _manifest(run, "00_parent", params=6_820_096, train_tokens=2_002_944, heldout_loss=4.0737)
     _manifest(run, "01_profiling", n_children=12, prefill_median_rel_err=0.0218, clock="cpu",
               device="cpu")
