@@ -38,12 +38,12 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .presets import PRESETS
 
-if TYPE_CHECKING:
-    from .config import RunConfig
+# A `core.config.RunConfig`: named, not imported (config -> validation -> limits is one-way).
+Config = Any
 
 SKIP_ENV = "PUZZLELIB_SKIP_MEMORY_CHECK"
 # Bytes the tokenizers BPE trainer reserves per vocab_size entry, at least (its hash maps are
@@ -187,7 +187,7 @@ def _largest_fitting(v: dict[str, Any], name: str, wheres: tuple[str, ...],
     return lo or None
 
 
-def memory_errors(c: RunConfig) -> list[str]:
+def memory_errors(c: Config) -> list[str]:
     """One error per memory (host RAM, GPU) the run cannot fit, or []. See the module docstring."""
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0") or c.parent != "embedded":
         return []

@@ -13,8 +13,9 @@ are refused up front, with the estimate) and the config's values (`_corpus_error
 path with an unknown suffix is a folder). Writes: nothing.
 Leaves out: raising (the functions return error strings; `config.py` raises), unknown-key and
 unknown-stage checks (`config.py`, they need the dataclass), and checks that need a parent or
-an artifact (`bld.plan`, `search.py`, `eval_tasks.py`, `data.py`). `RunConfig` is imported for type
-hints only, so `config.py` can import this module without a cycle.
+an artifact (`bld.plan`, `search.py`, `eval_tasks.py`, `data.py`). `RunConfig` is not imported at
+all, not even for type hints (`config.py` imports this module): the checks take any object with its
+fields, annotated `Config`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .limits import memory_errors
 from .presets import PRESETS
 
-if TYPE_CHECKING:
-    from .config import RunConfig
+# A `core.config.RunConfig`; named, not imported, so that config -> validation stays one-way.
+Config = Any
 
 # A byte-level BPE needs its 256 byte tokens plus the special tokens data.py adds (a handful:
 # end-of-text, padding, ...); 8 slots of headroom keeps the check independent of the exact list.
@@ -100,7 +101,7 @@ def coerce_value(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
     raise TypeError(f"RunConfig.{name}: unsupported field type {hint!r}; extend coerce_value")
 
 
-def range_errors(c: RunConfig) -> list[str]:
+def range_errors(c: Config) -> list[str]:
     """Every out-of-range value, each with the fix. Checked after types are known good."""
     e: list[str] = []
 
@@ -194,7 +195,7 @@ def range_errors(c: RunConfig) -> list[str]:
     return e
 
 
-def _eval_errors(c: RunConfig) -> list[str]:
+def _eval_errors(c: Config) -> list[str]:
     """06_evaluation's checks (whether the held-out split has enough text is checked by eval_tasks.py)."""
     e = [f"{n} must be >= 1, got {getattr(c, n)}" for n in (
         "eval_next_line_samples", "eval_name_samples", "eval_bpb_chunks", "eval_batch_size",
@@ -208,7 +209,7 @@ def _eval_errors(c: RunConfig) -> list[str]:
     return e
 
 
-def _search_errors(c: RunConfig) -> list[str]:
+def _search_errors(c: Config) -> list[str]:
     """04_search's checks (budgets against the cost table are checked by search.py)."""
     e = []
     for name in ("search_speedup", "search_min_tokens_per_s", "search_max_latency_ms",
@@ -245,7 +246,7 @@ def _search_errors(c: RunConfig) -> list[str]:
     return e
 
 
-def _bld_errors(c: RunConfig) -> list[str]:
+def _bld_errors(c: Config) -> list[str]:
     """02_bld's checks that need no parent (bld.plan checks the rest against the parent)."""
     e = []
     for name in ("bld_tokens_per_variant", "bld_batch_size", "bld_calib_tokens", "bld_eval_tokens"):

@@ -20,15 +20,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..core import eval_tasks as T
 from ..core.config import RunConfig, project_root, resolve_path
 from ..core.eval_tasks import EvaluationError
 from ..core.atomic import atomic_write_json, atomic_write_text
 
-if TYPE_CHECKING:  # only for the annotation: evaluation imports this module
-    from .stage import EvaluationResult
+# A `stage.EvaluationResult`: named, not imported (evaluation.stage imports this module).
+EvaluationResult = Any
 
 MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 
