@@ -419,3 +419,42 @@ def test_notebook_06_runs_headless(pipeline):
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4
     assert (Path(cfg.reports_root) / "t" / "summary.md").is_file()
+
+
+def test_measured_pareto_evaluates_every_sweep_child_with_kl_to_the_parent(pipeline):
+    """eval_pareto + eval_fidelity_tokens: every (method, target) child of stage 04's sweep gets a
+    point backed by an evaluated model, KL(parent ‖ parent) is 0, the parent's NLL over the fidelity
+    windows is stage 00's held-out loss over the same windows, and the report shows both tables."""
+    from puzzlelib.core import data
+    from puzzlelib.core.rundir import read_csv_rows
+    from puzzlelib.parent import stage as parent
+    from puzzlelib.search import stage as search
+
+    cfg0, _ = pipeline
+    cfg = cfg0.replace(eval_pareto=True, eval_fidelity_tokens=256)
+    res = E.run(cfg, progress=False)
+    pe, rows = res.metrics["pareto_eval"], {m["name"]: m for m in res.models}
+    feasible = {(r["method"], float(r["target_speedup"])) for r in read_csv_rows(search.load(cfg).dir / "pareto.csv")
+                if r["feasible"] in (True, "True") and r["method"] in ("mip", "greedy", "uniform", "depth")}
+    assert {(p["method"], p["target"]) for p in pe["points"]} == feasible and len(feasible) >= 4
+    assert all(p["model"] in rows for p in pe["points"])
+    assert rows["parent"]["kl_per_token"] == 0.0 and rows["parent"]["fidelity_tokens"] == 256
+    assert all(r["kl_per_token"] >= 0 for r in rows.values())
+    pres = parent.load(cfg)
+    nll = parent.evaluate(pres.load_model(), data.load_tokens(pres.dir / "tokens", "heldout"), cfg, 256)
+    fid = json.loads((res.dir / "results" / "parent.json").read_text())["fidelity"]
+    assert sum(fid["nll"]) / sum(fid["tokens"]) == pytest.approx(nll, rel=1e-5)
+    non_mip = [p for p in pe["points"] if p["method"] != "mip"]
+    before = [c for c in pe["comparisons"] if c["stage"] == "before GKD"]
+    assert len(before) == len(non_mip)
+    for c in pe["comparisons"]:
+        for k in ("accuracy_diff", "kl_diff", "bpb_diff"):
+            p, lo, hi = c[k]
+            assert lo - 1e-12 <= p <= hi + 1e-12
+    after = {c["baseline"] for c in pe["comparisons"] if c["stage"] == "after GKD"}
+    assert after == {m["name"] for m in res.models if m["gkd"] and m["method"] in ("greedy", "uniform", "depth")}
+    paths = report.write_report(cfg, res)
+    summary = paths["summary.md"].read_text()
+    assert "## Measured Pareto" in summary and "### Matched comparisons" in summary and "**Goal**" in summary
+    assert paths["pareto.png"].stat().st_size > 0
+    assert not any("@" in line.split("|")[1] for line in report.results_table(res.metrics).splitlines()[2:])

@@ -427,8 +427,16 @@ def test_stage_writes_specs_reuses_and_builds_children(stages, capsys):
     cfg = stages
     res = search.run(cfg, progress=False)
     assert not res.reused
-    assert {p.name for p in res.dir.iterdir()} == {"solution.json", "baselines.json", "pareto.csv", "metrics.json",
-                                                  "manifest.json"}
+    assert {p.name for p in res.dir.iterdir()} == {"solution.json", "baselines.json", "pareto.csv", "pareto_children.json",
+                                                  "metrics.json", "manifest.json"}
+    # pareto_children.json: the child behind every feasible row of the sweep, the same spec.
+    from puzzlelib.core.rundir import read_csv_rows
+    from puzzlelib.search.searcher import ChildSpec
+
+    kids = json.loads((res.dir / "pareto_children.json").read_text())
+    rows = [r for r in read_csv_rows(res.dir / "pareto.csv") if r["feasible"] in (True, "True")]
+    assert sorted((k["method"], float(k["target_speedup"]), ChildSpec.from_dict(k["spec"]).short()) for k in kids) == \
+        sorted((r["method"], float(r["target_speedup"]), r["spec"]) for r in rows)
     best = res.best
     assert best.name == "puzzle-1" and best.method == "mip" and len(best.choices) == 2
     assert best.predicted["speedup"] >= 1.2 * (1 - 1e-9) and all(c["ok"] for c in best.checks.values())

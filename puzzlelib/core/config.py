@@ -232,6 +232,9 @@ class RunConfig:
     eval_speed_warmup: int = _f(1, "06_evaluation")  # untimed rounds before them
     eval_calibration_bins: int = _f(10, "06_evaluation")  # equal-width confidence bins of the ECE
     eval_bootstrap: int = _f(1000, "06_evaluation")  # paired bootstrap resamples for retention intervals; 0 = none
+    # Added later (hash_default=False: at their defaults every existing run stays fresh).
+    eval_pareto: bool = _f(False, "06_evaluation", hash_default=False)  # also evaluate every child of stage 04's Pareto sweep (MIP, greedy, uniform, depth at each target) from the BLD library, with matched MIP - baseline intervals
+    eval_fidelity_tokens: int = _f(0, "06_evaluation", hash_default=False)  # held-out tokens on which every model's KL to the parent and bits per byte are measured (paired per window); 0 = off
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

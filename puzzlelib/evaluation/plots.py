@@ -152,3 +152,45 @@ def task_accuracies(models: list[dict], chance: dict[str, float | None]) -> plt.
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def pareto_figure(metrics: dict) -> plt.Figure:
+    """The measured Pareto (``metrics["pareto_eval"]``): for each method, its sweep children from the
+    BLD library (hollow, joined in target order) as retention with its 95 % interval (left) and KL to
+    the parent per token (right) against the *measured* speed-up; the children after GKD filled."""
+    pe, rows = metrics["pareto_eval"], {m["name"]: m for m in metrics["models"]}
+    has_kl = any("kl_per_token" in r for r in rows.values())
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(13 if has_kl else 7, 4.8), squeeze=False)
+    panels = [("retention", axes[0, 0])] + ([("kl_per_token", axes[0, 1])] if has_kl else [])
+    for key, ax in panels:
+        for method in pe["methods"]:
+            pts = sorted((p for p in pe["points"] if p["method"] == method), key=lambda p: p["target"])
+            if not pts:
+                continue
+            color, marker = _style(method)
+            xs = [rows[p["model"]]["measured_speedup"] for p in pts]
+            ys = [rows[p["model"]][key] * (100 if key == "retention" else 1) for p in pts]
+            ax.plot(xs, ys, color=color, marker=marker, mfc="none", lw=1.2, ms=7, label=f"{method} (before GKD)")
+            if key == "retention":
+                for p, x, y in zip(pts, xs, ys):
+                    lo, hi = (100 * v for v in rows[p["model"]]["retention_ci"])
+                    ax.errorbar([x], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color=color, lw=0.8,
+                                capsize=2, ls="none")
+        for r in rows.values():
+            if r["gkd"] and r["method"] in pe["methods"] and key in r:
+                color, marker = _style(r["method"])
+                ax.plot(r["measured_speedup"], r[key] * (100 if key == "retention" else 1), marker=marker,
+                        color=color, ms=10, ls="none", label=f"{r['name']} after GKD")
+        ax.set_xlabel("measured speed-up (generated tokens/s ÷ parent's, best batch)")
+        ax.grid(alpha=0.3)
+        if key == "retention":
+            ax.axhline(100, color="0.6", lw=0.8)
+            ax.set_ylabel("mean accuracy retained (% of parent, 95 % CI)")
+            ax.set_title("Accuracy retained vs measured speed-up")
+            ax.legend(fontsize=7, loc="lower left")
+        else:
+            ax.set_yscale("log")
+            ax.set_ylabel(f"KL(parent ‖ child), nats/token ({pe['fidelity_tokens']} held-out tokens)")
+            ax.set_title("Distance from the parent vs measured speed-up")
+    fig.tight_layout()
+    return fig

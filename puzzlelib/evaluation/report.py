@@ -46,6 +46,8 @@ def results_table(metrics: dict) -> str:
             + ["mean acc", "retention [95 % CI]", "bits/byte", "ECE", "E-AURC"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in metrics["models"]:
+        if is_sweep_model(r["name"]):
+            continue  # the measured Pareto's own table shows them
         lo, hi = r["retention_ci"]
         gkd = {None: "–", True: "yes", False: "no"}[r["gkd"]]
         cells = ([f"**{r['name']}**" if r["method"] == "mip" and r["gkd"] else r["name"], gkd,
@@ -74,6 +76,83 @@ def headline_sentence(metrics: dict) -> str:
             f"{'yes' if h['ahead_of_every_baseline'] else 'no'}.")
 
 
+def _diff(d: list[float] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if not d:
+        return "–"
+    p, lo, hi = (scale * v for v in d)
+    return f"{p:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def pareto_markdown(metrics: dict) -> str:
+    """The measured Pareto and the matched MIP − baseline comparisons (``metrics["pareto_eval"]``),
+    with the real-parent goal checked against the measured speed-ups; "" without them."""
+    from .pareto import pareto_goal
+
+    pe = metrics.get("pareto_eval")
+    if not pe:
+        return ""
+    rows = {m["name"]: m for m in metrics["models"]}
+    kl = any("kl_per_token" in r for r in rows.values())
+    head = ["target", "method", "model", "predicted", "measured", "mean acc", "retention [95 % CI]"]
+    head += ["KL nats/token", "bits/byte"] if kl else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in sorted(pe["points"], key=lambda p: (p["target"], pe["methods"].index(p["method"]))):
+        r = rows[p["model"]]
+        lo, hi = r["retention_ci"]
+        ms = r.get("measured_speedup")
+        cells = [f"{p['target']:g}×", p["method"], r["name"], f"{r['predicted_speedup']:.2f}×",
+                 "–" if ms is None else f"{ms:.2f}×", f"{r['mean_accuracy']:.3f}",
+                 f"{_pct(r['retention'])} [{_pct(lo)}, {_pct(hi)}]"]
+        cells += [f"{r['kl_per_token']:.4f}", f"{r['fidelity_bpb']:.4f}"] if kl else []
+        lines.append("| " + " | ".join(cells) + " |")
+    comp = ["| stage | target | MIP | baseline | Δ mean acc (points) [95 % CI] | verdict |"
+            + (" Δ KL nats/token | Δ bits/byte | verdict (KL) |" if kl else "") + " matched by |",
+            "|" + "---|" * (7 + (3 if kl else 0))]
+    tally: dict[str, dict[str, int]] = {}
+    for c in pe["comparisons"]:
+        cells = [c["stage"], "–" if c["target"] is None else f"{c['target']:g}×", c["mip_model"], c["baseline_model"],
+                 _diff(c["accuracy_diff"], 100, 1), c["accuracy_verdict"]]
+        if kl:
+            cells += [_diff(c.get("kl_diff"), 1, 4), _diff(c.get("bpb_diff"), 1, 4), c.get("kl_verdict", "–")]
+        cells.append(c["matched_by"])
+        comp.append("| " + " | ".join(cells) + " |")
+        for k in ("accuracy_verdict", "kl_verdict"):
+            if k in c:
+                tally.setdefault(k.split("_")[0], {}).setdefault(c[k], 0)
+                tally[k.split("_")[0]][c[k]] += 1
+    said = "; ".join(f"on {'mean accuracy' if k == 'accuracy' else 'KL to the parent'} the MIP child "
+                     + ", ".join(f"{v[w]} {w}{'s' if v[w] != 1 and w != 'tie' else ''}" for w in ("win", "tie", "loss")
+                                 if w in v) for k, v in tally.items())
+    w = pe["accuracy_interval_width"]
+    goal = pareto_goal(metrics)
+    goal_text = ("" if goal is None else
+                 f"**Goal** (a MIP child at ≥ {goal['speedup']}× measured keeps ≥ {_pct(goal['retention'], 0)} "
+                 "of the parent's mean accuracy and is ahead of uniform and depth pruning with the interval "
+                 f"excluding 0): **{'met' if goal['met'] else 'not met'}**"
+                 + (f" — {goal['model']} at {goal['measured_speedup']:.2f}× keeps {_pct(goal['retention'])}"
+                    if goal.get("model") else "") + (f"; {goal['why']}" if goal.get("why") else "") + ".")
+    return f"""## Measured Pareto: MIP, greedy, uniform and depth pruning at every target
+
+Every child of stage 04's sweep, assembled from the BLD library (before GKD) and evaluated like the
+rest: the same task samples{f", and KL to the parent and bits per byte over {pe['fidelity_tokens']} held-out tokens" if kl else ""}.
+A child two methods share is evaluated once (its row names the model that carries the numbers).
+
+{chr(10).join(lines)}
+
+### Matched comparisons: MIP − baseline, paired bootstrap 95 % intervals
+
+Positive Δ accuracy and negative Δ KL / bits per byte favour the MIP. "win" / "loss": the interval
+excludes 0; "tie": it does not. Accuracy intervals are {100 * w['median']:.1f} points wide (median; widest
+{100 * w['max']:.1f}) against a ±2-point (4-point-wide) goal: the token-level KL carries the fine comparisons.
+
+{chr(10).join(comp)}
+
+In {len(pe['comparisons'])} comparisons, {said}.
+
+{goal_text}
+"""
+
+
 def summary_markdown(metrics: dict) -> str:
     """reports/<run>/summary.md: the headline, the table, the tasks, the caveats."""
     sc = ", ".join(f"batch {s['batch']} × {s['prompt_len']} prompt + {s['gen_len']} new tokens"
@@ -92,6 +171,7 @@ interleaved in one process (median of per-round ratios) · retention = mean accu
 
 {results_table(metrics)}
 
+{pareto_markdown(metrics)}
 ## Tasks (lm-evaluation-harness, local, the same samples for every model)
 
 | task | samples | chance | metric | what |
@@ -249,12 +329,24 @@ def write_report(cfg: RunConfig, result: EvaluationResult) -> dict[str, Path]:
     atomic_write_json(paths["timings.json"], tim)
     atomic_write_json(paths["environment.json"], report_environment(cfg))
     atomic_write_text(paths["summary.md"], summary_markdown(result.metrics))
-    fig = plots.retention_vs_speedup(result.models, result.metrics.get("pareto"), result.metrics["target_speedup"])
-    tmp = paths["retention_vs_speedup.png"].with_name(".retention_vs_speedup.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(paths["retention_vs_speedup.png"])
+    # The headline figure shows the models compared after GKD; the sweep's children have their own.
+    shown = [m for m in result.models if not is_sweep_model(m["name"])]
+    figs = {"retention_vs_speedup.png": plots.retention_vs_speedup(shown, result.metrics.get("pareto"),
+                                                                   result.metrics["target_speedup"])}
+    if result.metrics.get("pareto_eval"):
+        paths["pareto.png"] = out / "pareto.png"
+        figs["pareto.png"] = plots.pareto_figure(result.metrics)
+    for name, fig in figs.items():
+        tmp = paths[name].with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(paths[name])
     return paths
+
+
+def is_sweep_model(name: str) -> bool:
+    """A child evaluated only for the measured Pareto (``pareto.point_name``: "uniform@2x (before GKD)")."""
+    return "@" in name
 
 
 def _shown(path: Path) -> str:

@@ -317,8 +317,12 @@ def run(cfg: RunConfig, stop_after: int | None = None) -> ParentResult:
             model = source.load_model(dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
             history = {"step": [], "train_loss": [], "eval_step": [], "eval_loss": [], "train_seconds": 0.0}
         check_compatible(model.config, tokenizer, cfg.seq_len)
-        held_loss = evaluate(model, held, cfg)  # fp32, over the whole held-out split
+        # fp32. The embedded parent over the whole held-out split; a real parent (~250 tokens/s
+        # forward on one CPU core) over the first parent_eval_tokens of it.
+        cap = None if cfg.parent == "embedded" else cfg.parent_eval_tokens
+        held_loss = evaluate(model, held, cfg, cap)
         n_held = (len(held) - 1) // cfg.seq_len * cfg.seq_len
+        n_held = n_held if cap is None else min(n_held, cap // cfg.seq_len * cfg.seq_len)
         bytes_per_token = corpus.heldout_bytes / max(1, int(tok_info["n_heldout_tokens"]))
         flops = flops_per_token(model.config, cfg.seq_len // 2)
         metrics = {

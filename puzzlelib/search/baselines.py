@@ -202,13 +202,16 @@ def all_baselines(s: Searcher, influence: Sequence[float], seed: int = 0, tries:
     return out, notes
 
 
-def sweep(s: Searcher, influence: Sequence[float], speedups: Sequence[float]) -> list[dict]:
-    """Pareto rows of the deterministic baselines at each speed-up target (as ``Searcher.pareto``)."""
+def sweep(s: Searcher, influence: Sequence[float], speedups: Sequence[float], keep: list | None = None) -> list[dict]:
+    """Pareto rows of the deterministic baselines at each speed-up target (as ``Searcher.pareto``;
+    ``keep`` receives ``(target, spec)`` of every child found)."""
     from dataclasses import replace
 
     rows = []
     for target in speedups:
         b = replace(s.budget, min_speedup=target)
-        rows += [pareto_row("greedy", target, greedy(s, b)), pareto_row("uniform", target, uniform(s, b)),
-                 pareto_row("depth", target, depth(s, influence, b))]
+        for method, spec in (("greedy", greedy(s, b)), ("uniform", uniform(s, b)), ("depth", depth(s, influence, b))):
+            rows.append(pareto_row(method, target, spec))
+            if spec is not None and keep is not None:
+                keep.append((target, spec))
     return rows

@@ -280,8 +280,9 @@ class Searcher:
                 break
         return sols, notes
 
-    def pareto(self, speedups: Sequence[float], progress: bool = True) -> list[dict]:
-        """The best score at each speed-up target (the other budgets kept)."""
+    def pareto(self, speedups: Sequence[float], progress: bool = True, keep: list | None = None) -> list[dict]:
+        """The best score at each speed-up target (the other budgets kept). ``keep``, when given,
+        receives ``(target, spec)`` of every feasible child (stage 06 can evaluate them)."""
         rows = []
         for s in tqdm(speedups, desc="Pareto sweep", disable=not progress):
             t0 = time.perf_counter()
@@ -289,6 +290,8 @@ class Searcher:
                 spec = self.best(replace(self.budget, min_speedup=s), name=f"pareto-{s:g}", purpose=f"pareto {s:g}",
                                  explain=False)
                 rows.append(pareto_row("mip", s, spec, time.perf_counter() - t0))
+                if keep is not None:
+                    keep.append((s, spec))
             except InfeasibleBudget:
                 rows.append(pareto_row("mip", s, None, time.perf_counter() - t0))
         return rows

@@ -36,7 +36,8 @@ What it does (DESIGN.md §1.4):
 Reads ``01_profiling/costs.csv`` and ``03_scoring`` scores (plus the parent and its held-out tokens
 for the block-influence baseline). Writes ``runs/<run>/04_search/``: ``solution.json`` (the chosen
 child specs with predicted and measured costs, solver, solve times), ``baselines.json``,
-``pareto.csv``, ``metrics.json``. Leaves out: interactions between blocks (the additive quality
+``pareto.csv`` and ``pareto_children.json`` (every child of the sweep: method, target, spec),
+``metrics.json``. Leaves out: interactions between blocks (the additive quality
 model is stage 03's to check), serving-engine effects beyond what stage 01 measured.
 """
 
@@ -206,7 +207,8 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
         influence = baselines.block_influence(model, pres.dir / "tokens", cfg.seq_len, cfg.search_influence_tokens,
                                                 progress=progress)
         base, base_notes = baselines.all_baselines(s, influence, cfg.seed, cfg.search_random_tries)
-        pareto = s.pareto(speedups, progress) + baselines.sweep(s, influence, speedups)
+        kept: list[tuple[float, ChildSpec]] = []
+        pareto = s.pareto(speedups, progress, kept) + baselines.sweep(s, influence, speedups, kept)
         if cfg.search_measure:
             measure(s, solutions + [b for b in base.values() if b], model, costs, cfg, progress)
         info = {"metric": cfg.search_metric, "budget": asdict(s.budget),
@@ -221,6 +223,9 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
         atomic_write_json(st.path("solution.json"), {**info, "solutions": [x.to_dict() for x in solutions]})
         atomic_write_json(st.path("baselines.json"), {k: {"spec": v.to_dict() if v else None} for k, v in base.items()})
         atomic_write_text(st.path("pareto.csv"), additivity.rows_to_csv(pareto))
+        # Every child of the sweep, for stage 06's measured Pareto (eval_pareto).
+        atomic_write_json(st.path("pareto_children.json"),
+                          [{"method": sp_.method, "target_speedup": t, "spec": sp_.to_dict()} for t, sp_ in kept])
         metrics = summarize(s, solutions, base, search_seconds)
         atomic_write_json(st.path("metrics.json"), metrics)
         st.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
