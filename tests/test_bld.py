@@ -287,3 +287,34 @@ def test_notebook_02_runs_headless_on_smoke(tmp_path):
     assert not errors
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 4  # before/after, loss curves, layer heatmap, channel contributions
+
+
+@pytest.mark.parametrize("kind", ["attn", "ffn"])
+def test_linear_blocks_fit_by_least_squares_equal_torch_lstsq(kind):
+    """bld_linear_init="lstsq": the linear replacement is the least-squares map from the sub-block's
+    normalized input to the parent sub-block's output (oracle: torch.linalg.lstsq), and it fits the
+    parent's output better than the product of the parent's own matrices."""
+    from puzzlelib.bld.train import fit_linear, job_module, nmse, sub_out
+    from puzzlelib.core.blocks import Variant
+
+    torch.manual_seed(0)
+    parent = PuzzleForCausalLM(tiny_config()).eval()
+    job = plan.Job(layer=1, name=f"{kind}:linear", kind=kind, variants=(Variant(kind, "linear"),), trained=True)
+    module = job_module(parent, job, None)
+    ref = parent.model.layers[1]
+    hd = parent.config.hidden_size
+    x = torch.randn(2, 4, 16, hd)
+    cos, sin = parent.model.rotary_emb(x[0], torch.arange(16)[None])
+    batches = [(x[k], sub_out(ref, kind, x[k], cos, sin).detach()) for k in range(2)]
+    with torch.no_grad():
+        before = float(sum(nmse(sub_out(module, kind, xb, cos, sin), t) for xb, t in batches))
+    fit_linear(module, kind, batches)
+    norm = module.input_layernorm if kind == "attn" else module.post_attention_layernorm
+    X = torch.cat([norm(xb).flatten(0, 1) for xb, _ in batches]).double()
+    Y = torch.cat([t.flatten(0, 1) for _, t in batches]).double()
+    oracle = torch.linalg.lstsq(X, Y).solution.T
+    lin = module.self_attn.linear_attn if kind == "attn" else module.mlp.linear_mlp
+    assert torch.allclose(lin.weight.double(), oracle, atol=1e-4)
+    with torch.no_grad():
+        after = float(sum(nmse(sub_out(module, kind, xb, cos, sin), t) for xb, t in batches))
+    assert after < before and after < 1.0

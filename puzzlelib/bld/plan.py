@@ -52,6 +52,7 @@ class BLDSettings:
     calib_tokens: int
     autocast_bf16: bool | str  # "auto" until bld.run decides it (precision.py); then a bool
     seed: int
+    linear_init: str = "weights"  # "weights" (products of the parent's matrices) | "lstsq" (least squares on the BLD batches)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "BLDSettings":
@@ -60,7 +61,7 @@ class BLDSettings:
         return cls(cfg.bld_tokens_per_variant, cfg.bld_batch_size, cfg.seq_len, cfg.bld_lr,
                    cfg.bld_min_lr_ratio, cfg.bld_warmup_steps, cfg.bld_weight_decay,
                    cfg.bld_grad_clip, cfg.bld_eval_tokens, cfg.bld_eval_every,
-                   cfg.bld_calib_tokens, cfg.bld_autocast_bf16, cfg.seed)
+                   cfg.bld_calib_tokens, cfg.bld_autocast_bf16, cfg.seed, cfg.bld_linear_init)
 
     @property
     def tokens_per_step(self) -> int:

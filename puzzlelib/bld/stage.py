@@ -180,7 +180,10 @@ def run(cfg: RunConfig, stop_after_jobs: int | None = None, progress: bool = Tru
     settings = replace(settings, autocast_bf16=dd.decide(bool(choice and choice.bf16)))
     train_tokens = data.load_tokens(pres.dir / "tokens", "train")
     held_tokens = data.load_tokens(pres.dir / "tokens", "heldout")
-    settings_dict = {"bld": asdict(settings), "config": cfg.hashed_values(STAGE)}
+    bld_settings = asdict(settings)
+    if settings.linear_init == "weights":  # the default, added later: libraries written before it stay valid
+        bld_settings.pop("linear_init")
+    settings_dict = {"bld": bld_settings, "config": cfg.hashed_values(STAGE)}
     # Collective calls (all_ok / sum / max) happen in the same order on every rank, whichever
     # rank fails: a failure is announced through all_ok instead of leaving the others waiting.
     finished = False

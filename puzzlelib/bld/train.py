@@ -76,6 +76,31 @@ def sub_out(layer: PuzzleDecoderLayer, kind: str, x: torch.Tensor, cos, sin) -> 
     return a + sub_out(layer, "ffn", x + a, cos, sin)
 
 
+@torch.no_grad()
+def fit_linear(layer: PuzzleDecoderLayer, kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               ridge: float = 1e-6) -> None:
+    """Set a linear replacement (``attn:linear`` / ``ffn:linear``) to the least-squares map from its
+    normalized input to the parent sub-block's output over ``batches`` (float64 normal equations,
+    a ridge of ``ridge`` × the mean diagonal so a rank-deficient input still solves)."""
+    lin = layer.self_attn.linear_attn if kind == "attn" else layer.mlp.linear_mlp
+    norm = layer.input_layernorm if kind == "attn" else layer.post_attention_layernorm
+    d = lin.in_features
+    xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    xty = torch.zeros(d + 1, lin.out_features, dtype=torch.float64)
+    for x, target in batches:
+        h = norm(x.float()).flatten(0, -2).double().cpu()
+        h = torch.cat([h, torch.ones(len(h), 1, dtype=torch.float64)], 1)  # a bias column, used if the layer has one
+        if lin.bias is None:
+            h[:, -1] = 0
+        xtx += h.T @ h
+        xty += h.T @ target.flatten(0, -2).double().cpu()
+    xtx += torch.eye(d + 1, dtype=torch.float64) * ridge * xtx.diagonal()[:d].mean().clamp_min(1e-30)
+    w = torch.linalg.solve(xtx, xty)
+    lin.weight.copy_(w[:d].T.to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(w[d].to(lin.bias.dtype))
+
+
 def nmse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Σ(out − target)² / Σ target² (fp32)."""
     out, target = out.float(), target.float()
@@ -325,6 +350,8 @@ def train_blocks(parent, lib: Library, jobs: list[Job], settings: BLDSettings,
         for job in bar:
             streamer.goto(job.layer)
             module = job_module(parent, job, scores)
+            if s.linear_init == "lstsq" and job.trained and [v.op for v in job.variants] == ["linear"]:
+                fit_linear(module, job.kind, [streamer.train.get(k, job.kind) for k in range(s.steps)])
             rec = train_block(module, job, lambda k, kind=job.kind: streamer.train.get(k, kind),
                               streamer.eval_set(job.kind), streamer.rope, s, device)
             lib.write_block(job.layer, job.name, block_tensors(module), rec)
