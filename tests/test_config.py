@@ -214,3 +214,25 @@ def test_relative_paths_resolve_against_the_project_folder_also_from_notebooks(t
         assert resolve_path("/abs/runs") == Path("/abs/runs")
         cfg = RunConfig.from_preset("smoke", {}, "lab")
         assert RunDir(cfg, create=False).root == tmp_path / "runs" / "lab"
+
+
+def test_smollm2_preset_menu_follows_the_parents_shape():
+    """The smollm2 preset on a SmolLM2-135M-shaped config (30 layers, hidden 576, 9 query / 3 KV
+    heads, SwiGLU 1536): KV heads 3 -> 1, FFN widths 1152/768/384 on the 64 grid, linear and no-op
+    of both, linear blocks started by least squares; a real parent, nothing trained from scratch."""
+    from puzzlelib.bld import plan
+    from puzzlelib.core.blocks import parse_variant
+    from conftest import tiny_config
+
+    cfg = RunConfig.from_preset("smollm2")
+    assert cfg.parent == "smollm2-135m" and cfg.bld_linear_init == "lstsq" and cfg.eval_pareto
+    assert cfg.eval_fidelity_tokens >= 20_000
+    assert [float(x) for x in cfg.search_pareto_speedups.split(",")] == [1.25, 1.5, 2.0, 2.5]
+    pc = tiny_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3)
+    names, jobs = plan.plan(pc, cfg)
+    assert names["attn"] == ["attn:kv3", "attn:kv1", "attn:linear", "attn:noop"]
+    assert names["ffn"] == ["ffn:1.00", "ffn:0.75", "ffn:0.50", "ffn:0.25", "ffn:linear", "ffn:noop"]
+    widths = [parse_variant(n).width(pc) for n in names["ffn"][:4]]
+    assert widths == [1536, 1152, 768, 384] and all(w % 64 == 0 for w in widths)
+    assert sum(j.trained for j in jobs) == 30 * 6  # kv1, attn:linear, three FFN widths, ffn:linear
