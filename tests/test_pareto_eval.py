@@ -50,6 +50,8 @@ def test_an_overshooting_baseline_is_matched_to_the_nearest_mip_child():
     assert by[("before GKD", "uniform")]["mip_model"] == "m15" and by[("before GKD", "uniform")]["matched_by"] == "same target"
     assert by[("before GKD", "depth")]["mip_model"] == "m2" and "cannot be tuned" in by[("before GKD", "depth")]["matched_by"]
     assert by[("after GKD", "u15")]["accuracy_diff"] == [0.0, 0.0, 0.0]
+    same = PE.comparisons([points[0], {"method": "greedy", "target": 1.5, "model": "m15"}], predicted, correct, {}, 50, 0)
+    assert same[0]["accuracy_verdict"] == "same child" and same[0]["accuracy_diff"] == [0.0, 0.0, 0.0]
 
 
 def test_plan_points_evaluates_each_choice_set_once():

@@ -94,6 +94,9 @@ def _diff(d: list[float] | None, scale: float = 1.0, digits: int = 3) -> str:
     return f"{p:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+_PLURAL = {"win": "wins", "tie": "ties", "loss": "losses", "same child": "same children"}
+
+
 def pareto_markdown(metrics: dict) -> str:
     """The measured Pareto and the matched MIP − baseline comparisons (``metrics["pareto_eval"]``),
     with the real-parent goal checked against the measured speed-ups; "" without them."""
@@ -132,16 +135,17 @@ def pareto_markdown(metrics: dict) -> str:
                 tally.setdefault(k.split("_")[0], {}).setdefault(c[k], 0)
                 tally[k.split("_")[0]][c[k]] += 1
     said = "; ".join(f"on {'mean accuracy' if k == 'accuracy' else 'KL to the parent'} the MIP child "
-                     + ", ".join(f"{v[w]} {w}{'s' if v[w] != 1 and w != 'tie' else ''}" for w in ("win", "tie", "loss")
-                                 if w in v) for k, v in tally.items())
+                     + ", ".join(f"{v[w]} {_PLURAL[w] if v[w] != 1 else w}" for w in _PLURAL if w in v) for k, v in tally.items())
     w = pe["accuracy_interval_width"]
     goal = pareto_goal(metrics)
-    goal_text = ("" if goal is None else
-                 f"**Goal** (a MIP child at ≥ {goal['speedup']}× measured keeps ≥ {_pct(goal['retention'], 0)} "
-                 "of the parent's mean accuracy and is ahead of uniform and depth pruning with the interval "
-                 f"excluding 0): **{'met' if goal['met'] else 'not met'}**"
-                 + (f" — {goal['model']} at {goal['measured_speedup']:.2f}× keeps {_pct(goal['retention'])}"
-                    if goal.get("model") else "") + (f"; {goal['why']}" if goal.get("why") else "") + ".")
+    goal_text = "" if goal is None else (
+        f"**Goal** (a MIP child at ≥ {goal['speedup']}× measured keeps ≥ {_pct(goal['retention'], 0)} of the parent's "
+        "mean accuracy and is ahead of uniform and depth pruning with the accuracy interval excluding 0): "
+        f"**{'met' if goal['met'] else 'not met'}**.\n\n" + "".join(
+            f"- {c['stage']}: {c['model']} at {c['measured_speedup'] or 0:.2f}× keeps {_pct(c['retention'])}; "
+            + ", ".join(f"{b} {'ahead' if a else 'not ahead'}" for b, a in c["ahead_with_interval"].items())
+            + f" → {'met' if c['met'] else 'not met (' + c['why'] + ')'}\n" for c in goal["checks"])
+        + ("" if goal["checks"] else f"- no MIP child measured ≥ {goal['speedup']}×\n"))
     return f"""## Measured Pareto: MIP, greedy, uniform and depth pruning at every target
 
 Every child of stage 04's sweep, assembled from the BLD library (before GKD) and evaluated like the
