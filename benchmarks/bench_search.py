@@ -22,6 +22,7 @@ import os
 import time
 
 import numpy as np
+from puzzlelib.core.precision import resolve_threads
 from puzzlelib.search.mip import Budget, Option, Problem
 from puzzlelib.search.searcher import Searcher
 
@@ -68,14 +69,15 @@ def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) ->
     return Problem(out, fixed, BATCHES, [(next(iter(attn)), next(iter(ffn)))] * layers)
 
 
-def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit: float, gap: float) -> dict:
+def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit: float, gap: float,
+        threads: int) -> dict:
     """One best child and k diverse solutions with one solver; timings and objectives."""
-    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
+    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, threads=threads, cross_check=False)
     s.use_cutoff, s.diversity = cutoff, diversity
     t = time.perf_counter()
     best = s.best()
     t_best = time.perf_counter() - t
-    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, cross_check=False)
+    s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, threads=threads, cross_check=False)
     s.use_cutoff, s.diversity = cutoff, diversity
     t = time.perf_counter()
     sols, _ = s.diverse(k, 0.2, progress=False)
@@ -98,7 +100,11 @@ def main() -> None:
     ap.add_argument("--solvers", default="gurobi,highs")
     ap.add_argument("--diversity", default="layers,pairs", help="formulations of the diversity cuts to compare")
     ap.add_argument("--cutoff", default="on", help="on, off or on,off: the batch-size cutoff")
+    ap.add_argument("--threads", default="auto",
+                    help="solver threads: 'auto' resolves as stage 04 does from the config's threads='auto' "
+                         "(1 on a 2-core machine), 0 = the solver's own default, or a count")
     args = ap.parse_args()
+    threads = resolve_threads(args.threads if args.threads == "auto" else int(args.threads))
     small = {k: v for k, v in ATTN.items() if k != "attn:kv8"}  # the default parent has 4 KV heads
     instances = {"default": ("default preset size (8 layers, 5 x 9)", 8, small),
                  "mid": ("40 layers, 6 x 9 (inside gurobipy's pip licence)", 40, ATTN),
@@ -106,7 +112,7 @@ def main() -> None:
                  "large": ("126 layers, 10 x 10", 126, ATTN10)}
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start; gap "
           f"{args.gap:g}; {args.solutions} diverse solutions, each differing in >= 20 % of layers; cross-check off "
-          f"(timings are one solver's); per-solve time limit {args.time_limit:g} s")
+          f"(timings are one solver's); per-solve time limit {args.time_limit:g} s; solver threads {threads or 'default'}")
     for key in args.instances.split(","):
         label, layers, attn = instances[key]
         p = synthetic(layers, attn, FFN10 if key == "large" else FFN)
@@ -119,7 +125,8 @@ def main() -> None:
                 for div in args.diversity.split(","):
                     tag = f"{solver}/{div}/cutoff {'on' if cutoff else 'off'}"
                     try:
-                        r = out[tag] = run(p, budget, solver, args.solutions, cutoff, div, args.time_limit, args.gap)
+                        r = out[tag] = run(p, budget, solver, args.solutions, cutoff, div, args.time_limit,
+                                           args.gap, threads)
                     except Exception as e:  # noqa: BLE001 — report (licence refusal) and go on
                         print(f"{tag:26s}: failed: {str(e)[:160]}")
                         continue
