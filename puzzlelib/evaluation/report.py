@@ -119,13 +119,18 @@ def pareto_markdown(metrics: dict) -> str:
                  f"{_pct(r['retention'])} [{_pct(lo)}, {_pct(hi)}]"]
         cells += [f"{r['kl_per_token']:.4f}", f"{r['fidelity_bpb']:.4f}"] if kl else []
         lines.append("| " + " | ".join(cells) + " |")
-    comp = ["| stage | target | MIP | baseline | Δ mean acc (points) [95 % CI] | verdict |"
+    comp = ["| stage | target | MIP | baseline | measured speed-ups | Δ mean acc (points) [95 % CI] | verdict |"
             + (" Δ KL nats/token | Δ bits/byte | verdict (KL) |" if kl else "") + " matched by |",
-            "|" + "---|" * (7 + (3 if kl else 0))]
+            "|" + "---|" * (8 + (3 if kl else 0))]
+
+    def speeds(a: str, b: str) -> str:
+        xa, xb = rows[a].get("measured_speedup"), rows[b].get("measured_speedup")
+        return "–" if xa is None or xb is None else f"{xa:.2f}× / {xb:.2f}×"
+
     tally: dict[str, dict[str, int]] = {}
     for c in pe["comparisons"]:
         cells = [c["stage"], "–" if c["target"] is None else f"{c['target']:g}×", c["mip_model"], c["baseline_model"],
-                 _diff(c["accuracy_diff"], 100, 1), c["accuracy_verdict"]]
+                 speeds(c["mip_model"], c["baseline_model"]), _diff(c["accuracy_diff"], 100, 1), c["accuracy_verdict"]]
         if kl:
             cells += [_diff(c.get("kl_diff"), 1, 4), _diff(c.get("bpb_diff"), 1, 4), c.get("kl_verdict", "–")]
         cells.append(c["matched_by"])
@@ -157,7 +162,8 @@ A child two methods share is evaluated once (its row names the model that carrie
 ### Matched comparisons: MIP − baseline, paired bootstrap 95 % intervals
 
 Positive Δ accuracy and negative Δ KL / bits per byte favour the MIP. "win" / "loss": the interval
-excludes 0; "tie": it does not. Accuracy intervals are {100 * w['median']:.1f} points wide (median; widest
+excludes 0; "tie": it does not. Pairs are matched by stage 01's *predicted* speed-up, so a rerun
+compares the same pairs; the measured speed-ups of both children stand next to each pair. Accuracy intervals are {100 * w['median']:.1f} points wide (median; widest
 {100 * w['max']:.1f}) against a ±2-point (4-point-wide) goal: the token-level KL carries the fine comparisons.
 
 {chr(10).join(comp)}
