@@ -27,14 +27,15 @@ from puzzlelib.core.model import count_params
 
 def children(layers: int, kv: int) -> dict[str, list[tuple[str, str]]]:
     half = layers // 2
+    rest = [(f"attn:kv{kv}", "ffn:1.00")] * (layers - half)  # the parent's blocks in the other half
     return {
         "parent": [(f"attn:kv{kv}", "ffn:1.00")] * layers,
         "kv1 everywhere": [("attn:kv1", "ffn:1.00")] * layers,
         "ffn 50% everywhere": [(f"attn:kv{kv}", "ffn:0.50")] * layers,
-        "no attention in half the layers": [("attn:noop", "ffn:1.00")] * half + [(f"attn:kv{kv}", "ffn:1.00")] * (layers - half),
-        "linear attention in half the layers": [("attn:linear", "ffn:1.00")] * half + [(f"attn:kv{kv}", "ffn:1.00")] * (layers - half),
-        "no FFN in half the layers": [(f"attn:kv{kv}", "ffn:noop")] * half + [(f"attn:kv{kv}", "ffn:1.00")] * (layers - half),
-        "half the layers removed": [("attn:noop", "ffn:noop")] * half + [(f"attn:kv{kv}", "ffn:1.00")] * (layers - half),
+        "no attention in half the layers": [("attn:noop", "ffn:1.00")] * half + rest,
+        "linear attention in half the layers": [("attn:linear", "ffn:1.00")] * half + rest,
+        "no FFN in half the layers": [(f"attn:kv{kv}", "ffn:noop")] * half + rest,
+        "half the layers removed": [("attn:noop", "ffn:noop")] * half + rest,
     }
 
 

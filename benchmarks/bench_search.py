@@ -49,7 +49,8 @@ def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) ->
             kvb = 2 * max(kv, 0) * hd * 2
             cost = {"params": p, "weight_bytes": 2 * p, "kv_bytes_per_token": kvb}
             for b, (prompt, gen) in BATCHES.items():
-                cost[f"prefill_ms@b{b}"] = 2 * p * b * prompt / 4e14 * 1e3 + (kvb * b * prompt * prompt / 2 / 2e12 * 1e3 if kv > 0 else 0)
+                cost[f"prefill_ms@b{b}"] = (2 * p * b * prompt / 4e14 * 1e3
+                                            + (kvb * b * prompt * prompt / 2 / 2e12 * 1e3 if kv > 0 else 0))
                 cost[f"decode_ms@b{b}"] = (2 * p + kvb * b * (prompt + gen / 2)) / 2e12 * 1e3 + (0.02 if kv else 0)
             loss = 0.0 if kv == 8 else sens[i] * (0.02 * (8 / kv - 1) if kv > 0 else 0.9 if kv < 0 else 1.2)
             lay["attn"].append(Option(name, "attn", float(loss * rng.uniform(0.7, 1.3)), cost))
@@ -83,7 +84,8 @@ def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit
     sols, _ = s.diverse(k, 0.2, progress=False)
     return {"best": t_best, "best_score": best.predicted["score"], "diverse": time.perf_counter() - t,
             "scores": [x.predicted["score"] for x in sols], "proven": sum(x.solver["proven"] for x in sols),
-            "slowest": max(sum(e["seconds"] for e in s.log if e["purpose"] == f"solution {n}") for n in range(1, len(sols) + 1)),
+            "slowest": max(sum(e["seconds"] for e in s.log if e["purpose"] == f"solution {n}")
+                           for n in range(1, len(sols) + 1)),
             "solvers": sorted({x["solver"].split()[0] for x in s.log}),
             "largest": (max(x["variables"] for x in s.log), max(x["constraints"] for x in s.log))}
 
@@ -112,7 +114,8 @@ def main() -> None:
                  "large": ("126 layers, 10 x 10", 126, ATTN10)}
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start; gap "
           f"{args.gap:g}; {args.solutions} diverse solutions, each differing in >= 20 % of layers; cross-check off "
-          f"(timings are one solver's); per-solve time limit {args.time_limit:g} s; solver threads {threads or 'default'}")
+          f"(timings are one solver's); per-solve time limit {args.time_limit:g} s; "
+          f"solver threads {threads or 'default'}")
     for key in args.instances.split(","):
         label, layers, attn = instances[key]
         p = synthetic(layers, attn, FFN10 if key == "large" else FFN)
@@ -137,7 +140,8 @@ def main() -> None:
         runs = list(out.items())
         for i, (ta, ra) in enumerate(runs):
             for tb, rb in runs[i + 1:]:
-                agree = [abs(x - y) <= args.gap * max(abs(x), abs(y)) + 1e-9 for x, y in zip(ra["scores"], rb["scores"])]
+                agree = [abs(x - y) <= args.gap * max(abs(x), abs(y)) + 1e-9
+                         for x, y in zip(ra["scores"], rb["scores"])]
                 agree += [False] * abs(len(ra["scores"]) - len(rb["scores"]))
                 first = agree.index(False) if not all(agree) else None
                 print(f"  {ta} vs {tb}: best {ra['best_score']:.9f} vs {rb['best_score']:.9f}; diverse objectives "
