@@ -68,7 +68,8 @@ class Variant:
         """True when this variant is exactly the parent's own sub-block at ``layer``."""
         if self.kind == "attn":
             return self.op == "gqa" and parent.attn_kind(layer) == "gqa" and self.kv_heads == parent.kv_heads(layer)
-        return self.op == "swiglu" and parent.ffn_kind(layer) == "swiglu" and self.width(parent, layer) == parent.ffn_width(layer)
+        return (self.op == "swiglu" and parent.ffn_kind(layer) == "swiglu"
+                and self.width(parent, layer) == parent.ffn_width(layer))
 
     def width(self, parent: PuzzleConfig, layer: int = 0, multiple: int | None = None) -> int:
         """SwiGLU width for this fraction of the parent's width at ``layer``.
@@ -117,7 +118,8 @@ def parse_variant(name: str, parent: PuzzleConfig | None = None) -> Variant:
         if m.group(1) is not None:
             frac = round(float(m.group(1)), 3)
             if not 0.0 < frac <= 1.0:
-                raise VariantError(f"{name!r}: an FFN width fraction must be in (0, 1] (wider than the parent has no parent weights to start from).")
+                raise VariantError(f"{name!r}: an FFN width fraction must be in (0, 1] (wider than the parent "
+                                   "has no parent weights to start from).")
             v = Variant("ffn", "swiglu", fraction=frac)
         else:
             v = Variant("ffn", name.split(":")[1])
@@ -251,7 +253,8 @@ def init_variant(parent: PuzzleForCausalLM, layer: int, v: Variant,
             wv = _expand_v(a.v_proj.weight, h, pkv, hd)
             out["self_attn.linear_attn.weight"] = a.o_proj.weight @ wv
             if cfg.attention_bias:
-                out["self_attn.linear_attn.bias"] = a.o_proj.weight @ _expand_v(a.v_proj.bias, h, pkv, hd) + a.o_proj.bias
+                bv = _expand_v(a.v_proj.bias, h, pkv, hd)
+                out["self_attn.linear_attn.bias"] = a.o_proj.weight @ bv + a.o_proj.bias
             return out
         pool = _kv_pool_matrix(h, pkv, v.kv_heads).to(a.k_proj.weight.dtype)
         for name in ("q_proj", "o_proj"):
@@ -264,7 +267,8 @@ def init_variant(parent: PuzzleForCausalLM, layer: int, v: Variant,
                 p = getattr(getattr(a, name), t)
                 if p is not None:
                     heads = p.view(pkv, hd, -1)
-                    out[f"self_attn.{name}.{t}"] = torch.einsum("cp,pdx->cdx", pool, heads).reshape(v.kv_heads * hd, *p.shape[1:])
+                    pooled = torch.einsum("cp,pdx->cdx", pool, heads)
+                    out[f"self_attn.{name}.{t}"] = pooled.reshape(v.kv_heads * hd, *p.shape[1:])
         return out
     # FFN
     if cfg.ffn_kind(layer) != "swiglu":

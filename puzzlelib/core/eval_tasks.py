@@ -32,11 +32,12 @@ fingerprint stage 00 recorded); ``hflm_settings`` gives what lm-eval's ``HFLM`` 
 model and where stage 06 writes the task files; ``lm_eval_command`` the command line for an
 exported checkpoint.
 
-Reads: nothing but the corpus (``build_local_tasks``) and stage 00's ``corpus.json``. Writes (``write_tasks``): ``<dir>/<task>.jsonl``,
-``<dir>/<task>.yaml`` and ``<dir>/tasks.json``; the YAMLs point at the JSONL files by absolute path,
-so ``lm_eval --include_path <dir>`` works from any working directory as long as the run directory
-stays where it is. Leaves out: generative tasks (exact-match on code is near zero for a model this
-small), few-shot prompts, and chat templates.
+Reads: nothing but the corpus (``build_local_tasks``) and stage 00's ``corpus.json``. Writes
+(``write_tasks``): ``<dir>/<task>.jsonl``, ``<dir>/<task>.yaml`` and ``<dir>/tasks.json``; the
+YAMLs point at the JSONL files by absolute path, so ``lm_eval --include_path <dir>`` works from
+any working directory as long as the run directory stays where it is. Leaves out: generative
+tasks (exact-match on code is near zero for a model this small), few-shot prompts, and chat
+templates.
 """
 
 from __future__ import annotations

@@ -283,7 +283,8 @@ def summary_line(run_root: str | Path, stage: str) -> str:
     """The notebook's one line: the stage's recorded precision and why (or why none is recorded)."""
     c = (read_choices(run_root).get(stage) or {}).get("choice")
     if not c:
-        return f"{stage}: no precision decision recorded (the stage trains nothing, or ran before puzzlelib recorded it)"
+        return (f"{stage}: no precision decision recorded "
+                "(the stage trains nothing, or ran before puzzlelib recorded it)")
     return PrecisionChoice(**{k: v for k, v in c.items() if k != "precision"}).line()
 
 

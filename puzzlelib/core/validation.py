@@ -242,7 +242,8 @@ def _search_errors(c: Config) -> list[str]:
     if c.search_random_tries < 0:
         e.append(f"search_random_tries must be >= 0, got {c.search_random_tries}")
     if c.search_min_diff_layers < 0:
-        e.append(f"search_min_diff_layers must be >= 0 (0 = use search_min_diff_fraction), got {c.search_min_diff_layers}")
+        e.append("search_min_diff_layers must be >= 0 (0 = use search_min_diff_fraction), "
+                 f"got {c.search_min_diff_layers}")
     try:
         parse_ranges(c.search_constraints)
     except RangeError as err:
