@@ -52,7 +52,8 @@ class BLDSettings:
     calib_tokens: int
     autocast_bf16: bool | str  # "auto" until bld.run decides it (precision.py); then a bool
     seed: int
-    linear_init: str = "weights"  # "weights" (products of the parent's matrices) | "lstsq" (least squares on the BLD batches)
+    # "weights" (products of the parent's matrices) | "lstsq" (least squares on the BLD batches)
+    linear_init: str = "weights"
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "BLDSettings":

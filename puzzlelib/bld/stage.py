@@ -37,9 +37,9 @@ What it does (DESIGN.md §1.2):
    streams the parent itself up to the deepest layer it owns. That is the efficiency trade-off:
    no activation traffic between ranks, but every rank pays the parent's forward again (~20 % of
    a one-process ``default`` run, so N CPU ranks approach 0.8/N + 0.2 of its time; on a GPU with
-   many jobs per rank it is a small share). Each finished block is written atomically to the library (``library.py``); a killed
-   run restarts with the blocks that are missing and ends with the same library, bit for bit on
-   CPU with the same thread count.
+   many jobs per rank it is a small share). Each finished block is written atomically to the
+   library (``library.py``); a killed run restarts with the blocks that are missing and ends with
+   the same library, bit for bit on CPU with the same thread count.
 6. The parent's own sub-blocks are always in the library: copied, not trained, with their
    normalized MSE measured (0). No-op variants have nothing to train; their normalized MSE (1) is
    measured too, so the "before = after" rows are real numbers.

@@ -19,7 +19,8 @@ def loss_curves(history: dict, title: str = "Parent training") -> plt.Figure:
     steps = np.asarray(history["step"])
     if len(steps):
         ax.plot((steps + 1) * tps, history["train_loss"], color="0.8", lw=0.8, label="train (per step)")
-        ax.plot((steps + 1) * tps, figures.smooth(history["train_loss"], 20), color="C0", lw=1.8, label="train (moving avg)")
+        ax.plot((steps + 1) * tps, figures.smooth(history["train_loss"], 20), color="C0", lw=1.8,
+                label="train (moving avg)")
     if history.get("eval_step"):
         ax.plot(np.asarray(history["eval_step"]) * tps, history["eval_loss"], "o-", color="C3", label="held-out")
     ax.set_xlabel("tokens seen")

@@ -204,8 +204,9 @@ def import_costs(model: PuzzleForCausalLM, scenarios: Sequence[Scenario], spec: 
                 row = table.row(rep, v.name)
                 bad = {k: (row[k], got[k]) for k in STATIC_METRICS if row[k] != got[k]}
                 if bad:
+                    diffs = ", ".join(f"{k}={a} (this parent: {b})" for k, (a, b) in bad.items())
                     raise ProfilingError(
-                        f"{where}: layer {rep} {v.name} has {', '.join(f'{k}={a} (this parent: {b})' for k, (a, b) in bad.items())}: "
+                        f"{where}: layer {rep} {v.name} has {diffs}: "
                         "the table was measured for another parent; profile_costs_from='' to measure")
     fixed = fixed_static_costs(fixed_model(model))
     bad = {k: (table.row(-1, FIXED)[k], fixed[k]) for k in fixed if table.row(-1, FIXED)[k] != fixed[k]}

@@ -90,7 +90,8 @@ def block_influence(model, tokens: str | Path | np.ndarray, seq_len: int, max_to
 def depth(s: Searcher, influence: Sequence[float], budget: Budget | None = None) -> ChildSpec | None:
     """Drop the least influential layers, one at a time, until the budget holds."""
     P = s.problem
-    if any(n not in {o.name for o in lay[k]} for lay in P.layers for k, n in (("attn", "attn:noop"), ("ffn", "ffn:noop"))):
+    noops = (("attn", "attn:noop"), ("ffn", "ffn:noop"))
+    if any(n not in {o.name for o in lay[k]} for lay in P.layers for k, n in noops):
         return None  # no-ops excluded from the search space: depth pruning cannot be expressed
     order = sorted(range(P.num_layers), key=lambda i: influence[i])
     child = [(a, f, False) for a, f in P.parent]

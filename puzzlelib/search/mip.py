@@ -540,7 +540,8 @@ def _gurobi(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float
             m.optimize()
         except gp.GurobiError as e:
             if e.errno == 10010:  # the pip licence's size limit
-                reason = f"gurobipy refused the model ({size[0]} variables, {size[1]} constraints): GurobiError {e.errno}: {e}"
+                reason = (f"gurobipy refused the model ({size[0]} variables, {size[1]} constraints): "
+                          f"GurobiError {e.errno}: {e}")
                 _GUROBI_REFUSED.append((*size, reason))
                 raise _Refused(reason) from None
             raise

@@ -103,9 +103,11 @@ def architecture(specs: list, parent: list, title: str = "Chosen architecture pe
         ax.spines[side].set_visible(False)
     ax.legend(handles=[Patch(color=_blue(0.9), label="parent's block"),
                        Patch(color=_blue(0.5), label="fewer KV heads / narrower FFN"),
-                       Patch(color="#fdae61", label="linear"), Patch(facecolor="#f0f0f0", edgecolor="0.6", label="removed"),
+                       Patch(color="#fdae61", label="linear"),
+                       Patch(facecolor="#f0f0f0", edgecolor="0.6", label="removed"),
                        Patch(facecolor="white", edgecolor="C3", label="coupled block")],
-              fontsize=7, ncol=5 if L > 12 else 3, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.4 / max(len(specs), 1)), frameon=False)
+              fontsize=7, ncol=5 if L > 12 else 3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.12 - 0.4 / max(len(specs), 1)), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -70,8 +70,8 @@ class ChildSpec:
         """DeciLM ``block_configs`` of this child (see DESIGN.md §4)."""
         from ..core.blocks import choices_to_block_configs, parse_variant
 
-        return choices_to_block_configs(parent_config, [(parse_variant(a, parent_config), parse_variant(f, parent_config))
-                                                        for a, f in self.choices])
+        choices = [(parse_variant(a, parent_config), parse_variant(f, parent_config)) for a, f in self.choices]
+        return choices_to_block_configs(parent_config, choices)
 
     def build_model(self, parent, library_dir: str | Path | None = None):
         """The child as a ``PuzzleForCausalLM``: blocks from the BLD library when ``library_dir`` is

@@ -136,7 +136,8 @@ def measure(s: Searcher, specs: Sequence[ChildSpec], model, costs, cfg: RunConfi
             # Time budgets compare measured time with the limit re-derived from the *measured* parent.
             limit = c["limit"] * (s.ref_tps / ref_tps if name == "speedup" else 1.0) if c["limit"] is not None else None
             got = {"time": t, "memory": r["meas_memory_bytes"]}.get(c["what"], c["predicted"])
-            ok = (limit is None or got <= limit * (1 + TOL)) and got >= c.get("lower", -math.inf) - TOL * abs(c.get("lower", 0.0))
+            ok = ((limit is None or got <= limit * (1 + TOL))
+                  and got >= c.get("lower", -math.inf) - TOL * abs(c.get("lower", 0.0)))
             c.update(measured=got, measured_limit=limit, measured_ok=ok)
 
 
@@ -253,7 +254,8 @@ def children_table(result: SearchResult) -> list[dict]:
     rows = []
     for c in result.children:
         m = c.measured
-        rows.append({"child": c.name, "method": c.method, "batch": c.batch, f"Σ {result.info['metric']}": c.predicted["score"],
+        rows.append({"child": c.name, "method": c.method, "batch": c.batch,
+                     f"Σ {result.info['metric']}": c.predicted["score"],
                      "speed-up pred": c.predicted["speedup"], "speed-up meas": m.get("speedup", math.nan),
                      "MiB pred": c.predicted["memory_bytes"] / 2**20,
                      "MiB meas": m.get("memory_bytes", math.nan) / 2**20,
