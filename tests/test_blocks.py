@@ -100,7 +100,8 @@ def test_channel_contribution_beats_random_and_full_width_is_exact(tiny_parent):
 
     def err(keep):
         m = layer.mlp
-        y = m.down_proj.weight[:, keep] @ (torch.nn.functional.silu(xin @ m.gate_proj.weight[keep].T) * (xin @ m.up_proj.weight[keep].T)).transpose(1, 2)
+        gate = torch.nn.functional.silu(xin @ m.gate_proj.weight[keep].T)
+        y = m.down_proj.weight[:, keep] @ (gate * (xin @ m.up_proj.weight[keep].T)).transpose(1, 2)
         return ((y.transpose(1, 2) - ref) ** 2).mean().item()
 
     w = init_variant(tiny_parent, 0, parse_variant("ffn:0.50"), scores)

@@ -56,7 +56,8 @@ def test_mixed_child_loads_in_fresh_process_without_puzzlelib(child, tiny_tokeni
     torch.save(x, ckpt / "x.pt")
     code = FRESH.replace("SITE", repr(sysconfig.get_paths()["purelib"])).replace("CKPT", repr(str(ckpt)))
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "DeciLMForCausalLM DeciLMConfig 300\n['DeciLMForCausalLM']" in r.stdout
     out = torch.load(ckpt / "out.pt")
@@ -90,8 +91,10 @@ def test_checkpoint_layout_and_schema(child, tmp_path):
     from safetensors import safe_open
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert not any(k.startswith("model.layers.0.self_attn") or k == "model.layers.0.input_layernorm.weight" for k in keys)
-    assert not any(k.startswith("model.layers.2.mlp") or k == "model.layers.2.post_attention_layernorm.weight" for k in keys)
+    assert not any(k.startswith("model.layers.0.self_attn") or k == "model.layers.0.input_layernorm.weight"
+                   for k in keys)
+    assert not any(k.startswith("model.layers.2.mlp") or k == "model.layers.2.post_attention_layernorm.weight"
+                   for k in keys)
     assert "model.layers.1.self_attn.linear_attn.weight" in keys and "model.layers.1.mlp.linear_mlp.weight" in keys
     assert "lm_head.weight" not in keys  # tied: stored once
 
@@ -150,11 +153,13 @@ def test_failed_save_leaves_nothing(child, tmp_path):
 
 def test_vllm_and_nvidia_compatibility_report(child, tmp_path):
     ok, reasons = vllm_compatible(child.config)
-    assert not ok and reasons == ["layer 1: attention replaced by a linear layer", "layer 1: ffn replaced by a linear layer",
+    assert not ok and reasons == ["layer 1: attention replaced by a linear layer",
+                                  "layer 1: ffn replaced by a linear layer",
                                   "layer 0: FFN width 48 is not a multiple of 256",
                                   "layer 3: FFN width 24 is not a multiple of 256"]
     ok, reasons = nvidia_decilm_compatible(child.config)  # NVIDIA's code builds linear sub-blocks
-    assert not ok and reasons == ["layer 0: FFN width 48 is not a multiple of 256", "layer 3: FFN width 24 is not a multiple of 256"]
+    assert not ok and reasons == ["layer 0: FFN width 48 is not a multiple of 256",
+                                  "layer 3: FFN width 24 is not a multiple of 256"]
     on_grid = tiny_config(intermediate_size=512)
     assert vllm_compatible(on_grid) == (True, []) and nvidia_decilm_compatible(on_grid) == (True, [])
     assert vllm_compatible(tiny_config()) == (False, ["layer 0: FFN width 96 is not a multiple of 256",
@@ -208,7 +213,8 @@ def test_llama_with_attention_bias_round_trips_o_proj_bias(tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["o_proj_bias"] is True and cfg["attention_bias"] is True
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        assert torch.equal(f.get_tensor("model.layers.1.self_attn.o_proj.bias"), llama.model.layers[1].self_attn.o_proj.bias)
+        assert torch.equal(f.get_tensor("model.layers.1.self_attn.o_proj.bias"),
+                           llama.model.layers[1].self_attn.o_proj.bias)
     x = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         assert torch.allclose(load_checkpoint(ckpt)(x).logits, llama(x).logits, atol=1e-5)
@@ -226,7 +232,8 @@ def test_inconsistent_ffn_fields_are_refused(tmp_path):
     good = json.dumps(cfg)
     cfg["block_configs"][1]["ffn"]["ffn_mult"] = 3.0  # int(2*3*64/3)=128, rounded up to 256 by ffn_mult readers
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"block_configs\[1\].ffn: ffn_mult=3.0 gives width 256 but intermediate_size=512"):
+    with pytest.raises(CheckpointError,
+                       match=r"block_configs\[1\].ffn: ffn_mult=3.0 gives width 256 but intermediate_size=512"):
         load_checkpoint(ckpt)
     cfg = json.loads(good)
     cfg["block_configs"][0]["ffn"]["hidden_act"] = "gelu"

@@ -189,8 +189,9 @@ def _venv_python() -> Path:
 def _check(model: PuzzleForCausalLM, ckpt: Path, tmp_path: Path, atol: float) -> None:
     x = torch.randint(3, model.config.vocab_size, (2, 40))
     torch.save(x, ckpt / "x.pt")
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run([str(_venv_python()), "-c", READER, str(ckpt)], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "with transformers 4.53" in r.stdout
     with torch.no_grad():

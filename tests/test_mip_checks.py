@@ -317,7 +317,8 @@ def test_bigger_is_better_flips_the_objective():
                                                         ("ffn:1.00", 0.9), ("ffn:0.50", 0.85), ("ffn:noop", 0.2))}
     up = mip.build_problem(costs, scores, "my_accuracy", parent_value=0.9, bigger_is_better=True)
     down = mip.build_problem(costs, scores, "my_accuracy", parent_value=0.9, bigger_is_better=False)
-    assert up.option(0, "attn:kv1").score == pytest.approx(0.1) and down.option(0, "attn:kv1").score == pytest.approx(-0.1)
+    assert (up.option(0, "attn:kv1").score == pytest.approx(0.1)
+            and down.option(0, "attn:kv1").score == pytest.approx(-0.1))
     auto = mip.build_problem(costs, scores, "top1_agreement", parent_value=0.9)
     assert auto.option(0, "ffn:noop").score == pytest.approx(0.7)
 

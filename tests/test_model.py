@@ -180,10 +180,14 @@ def test_auto_classes_are_registered(tiny_parent, tmp_path):
 
 @pytest.mark.parametrize("bad,match", [
     (dict(num_key_value_heads=3), "must divide"),
-    (dict(block_configs=[{"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 96}}] * 2), "positive divisor"),
-    (dict(block_configs=[{"attention": {"no_op": True, "replace_with_linear": True}, "ffn": {"intermediate_size": 96}}] * 2), "both no_op and replace_with_linear"),
+    (dict(block_configs=[{"attention": {"n_heads_in_group": 3}, "ffn": {"intermediate_size": 96}}] * 2),
+     "positive divisor"),
+    (dict(block_configs=[{"attention": {"no_op": True, "replace_with_linear": True},
+                          "ffn": {"intermediate_size": 96}}] * 2),
+     "both no_op and replace_with_linear"),
     (dict(block_configs=[{"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 0}}] * 2), "positive int"),
-    (dict(block_configs=[{"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 96}}] * 3), "3 entries but num_hidden_layers is 2"),
+    (dict(block_configs=[{"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 96}}] * 3),
+     "3 entries but num_hidden_layers is 2"),
     (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "not supported"),
 ])
 def test_bad_configs_have_clear_errors(bad, match):

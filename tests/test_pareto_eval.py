@@ -47,10 +47,13 @@ def test_an_overshooting_baseline_is_matched_to_the_nearest_mip_child():
     correct = {n: {"t": np.array([1.0, 0, 1, 1])} for n in predicted}
     rows = PE.comparisons(points, predicted, correct, {}, 50, 0, after_gkd=[("m15", "u15")])
     by = {(r["stage"], r["baseline"]): r for r in rows}
-    assert by[("before GKD", "uniform")]["mip_model"] == "m15" and by[("before GKD", "uniform")]["matched_by"] == "same target"
-    assert by[("before GKD", "depth")]["mip_model"] == "m2" and "cannot be tuned" in by[("before GKD", "depth")]["matched_by"]
+    assert (by[("before GKD", "uniform")]["mip_model"] == "m15"
+            and by[("before GKD", "uniform")]["matched_by"] == "same target")
+    assert (by[("before GKD", "depth")]["mip_model"] == "m2"
+            and "cannot be tuned" in by[("before GKD", "depth")]["matched_by"])
     assert by[("after GKD", "u15")]["accuracy_diff"] == [0.0, 0.0, 0.0]
-    same = PE.comparisons([points[0], {"method": "greedy", "target": 1.5, "model": "m15"}], predicted, correct, {}, 50, 0)
+    same = PE.comparisons([points[0], {"method": "greedy", "target": 1.5, "model": "m15"}], predicted, correct, {},
+                          50, 0)
     assert same[0]["accuracy_verdict"] == "same child" and same[0]["accuracy_diff"] == [0.0, 0.0, 0.0]
 
 
@@ -58,7 +61,8 @@ def test_plan_points_evaluates_each_choice_set_once():
     from puzzlelib.search.searcher import ChildSpec
 
     def spec(method, choices):
-        return ChildSpec(name=method, method=method, choices=choices, coupled=[False] * 2, batch=1, predicted={}).to_dict()
+        return ChildSpec(name=method, method=method, choices=choices, coupled=[False] * 2, batch=1,
+                         predicted={}).to_dict()
 
     a = [["attn:kv1", "ffn:0.5"], ["attn:kv2", "ffn:1.0"]]
     b = [["attn:noop", "ffn:noop"], ["attn:kv2", "ffn:1.0"]]

@@ -370,7 +370,8 @@ def test_an_imported_cost_table_is_checked_then_used_as_measured(tmp_path):
     damaged = tmp_path / "other" / "costs.csv"
     damaged.parent.mkdir()
     shutil.copy(src / "scenarios.json", damaged.parent)
-    damaged.write_text((src / "costs.csv").read_text().replace(",attn:kv1,gqa,1,0,0,False,", ",attn:kv1,gqa,1,0,0,False,1"))
+    costs_csv = (src / "costs.csv").read_text()
+    damaged.write_text(costs_csv.replace(",attn:kv1,gqa,1,0,0,False,", ",attn:kv1,gqa,1,0,0,False,1"))
     for over, needle in (({"profile_costs_from": str(tmp_path / "nowhere")}, "no costs.csv"),
                          ({"profile_costs_from": str(src), "profile_batch_sizes": "1"}, "profile_batch_sizes"),
                          ({"profile_costs_from": str(src), "profile_statistic": "p10"}, "profile_statistic='median'"),

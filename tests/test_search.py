@@ -252,7 +252,8 @@ def test_coupled_pair_fills_both_slots_and_round_trips(tiny_parent):
     # A pair is costed as the sum of its halves and scored once.
     pair = p.layers[0]["pair"][0]
     a, f = pair.halves
-    assert p.evaluate([(a, f, True)] + [(x, y, False) for x, y in p.parent[1:]], 1)["score"] == pytest.approx(pair.score)
+    assert (p.evaluate([(a, f, True)] + [(x, y, False) for x, y in p.parent[1:]], 1)["score"]
+            == pytest.approx(pair.score))
     assert p.total([(a, f, True)] * 3, "time", 8) == pytest.approx(p.total([(a, f, False)] * 3, "time", 8))
 
 
@@ -430,8 +431,8 @@ def test_stage_writes_specs_reuses_and_builds_children(stages, capsys):
     cfg = stages
     res = search.run(cfg, progress=False)
     assert not res.reused
-    assert {p.name for p in res.dir.iterdir()} == {"solution.json", "baselines.json", "pareto.csv", "pareto_children.json",
-                                                  "metrics.json", "manifest.json"}
+    assert {p.name for p in res.dir.iterdir()} == {"solution.json", "baselines.json", "pareto.csv",
+                                                  "pareto_children.json", "metrics.json", "manifest.json"}
     # pareto_children.json: the child behind every feasible row of the sweep, the same spec.
     from puzzlelib.core.rundir import read_csv_rows
     from puzzlelib.search.searcher import ChildSpec
