@@ -5,9 +5,10 @@ What it does:
   tokenizer (trained for the embedded parent; a Hugging Face parent brings its own) and packed
   train / held-out token arrays;
 * for ``parent="embedded"``: builds a small Llama as an all-parent ``PuzzleForCausalLM`` and trains
-  it — AdamW, linear warm-up + cosine decay, bf16 autocast where the CPU runs it natively and a
-  probe measures it faster (``precision.py``; else fp32), gradient clipping, periodic
-  held-out evaluation, tqdm — checkpointing every ``parent_checkpoint_every`` steps so a killed
+  it with the shared loop (``core/train.py``: AdamW, linear warm-up + cosine decay, gradient
+  clipping, periodic held-out evaluation, tqdm) on next-token cross-entropy, the forward under
+  bf16 autocast where the CPU runs it natively and a probe measures it faster (``precision.py``;
+  else fp32) — checkpointing every ``parent_checkpoint_every`` steps so a killed
   run resumes where it stopped and ends with the same weights as an uninterrupted one (batch k
   depends only on (seed, k); no dropout; optimizer state is checkpointed);
 * for any other parent (a .gguf file, the named real parent ``smollm2-135m``, a local Hugging Face
@@ -36,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..core import data, precision
 
@@ -47,7 +47,7 @@ from ..core.configuration_decilm import PuzzleConfig
 from ..core.modeling_decilm import PuzzleForCausalLM
 from ..core.model import count_params
 from ..core.rundir import RunDir
-from ..core.train import load_train_state, lr_at, make_optimizer, save_train_state
+from ..core.train import Checkpoint, LoopSettings, train_loop
 from ..core.atomic import atomic_write_json
 
 STAGE = "00_parent"
@@ -208,47 +208,28 @@ def train_parent(model: PuzzleForCausalLM, cfg: RunConfig, train: np.ndarray, he
                                       "cpu", lambda rows=None: probe_step(model, cfg, rows))
     tokens_per_step = cfg.parent_batch_size * cfg.seq_len
     total = max(1, math.ceil(cfg.parent_train_tokens / tokens_per_step))
-    opt = make_optimizer(model, cfg.parent_lr, cfg.parent_weight_decay)
+    settings = LoopSettings(steps=total, lr=cfg.parent_lr, warmup_steps=cfg.parent_warmup_steps,
+                            min_lr_ratio=cfg.parent_min_lr_ratio,
+                            weight_decay=cfg.parent_weight_decay,
+                            grad_clip=cfg.parent_grad_clip, eval_every=cfg.parent_eval_every,
+                            checkpoint_every=cfg.parent_checkpoint_every)
     history = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval_loss": [],
                "tokens_per_step": tokens_per_step, "total_steps": total, "train_seconds": 0.0}
-    start = 0
-    resumed = load_train_state(state_dir, model, opt, key)
-    if resumed is not None:
-        start, history = resumed
-    model.train()
-    done_here = 0
-    t_start = time.perf_counter() - history["train_seconds"]
-    bar = tqdm(range(start, total), desc="parent training", initial=start, total=total, unit="step")
-    for step in bar:
-        lr = lr_at(step, total, cfg.parent_lr, cfg.parent_warmup_steps, cfg.parent_min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+    def grad_step(step: int) -> tuple[dict, float]:
         x, y = data.batch_at(train, cfg.parent_batch_size, cfg.seq_len, cfg.seed, step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.parent_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.parent_grad_clip)
-        opt.step()
-        history["step"].append(step)
-        history["train_loss"].append(round(loss.item(), 5))
-        history["lr"].append(lr)
-        last = step == total - 1
-        if (cfg.parent_eval_every and (step + 1) % cfg.parent_eval_every == 0) or last:
-            ev = evaluate(model, held, cfg, cfg.parent_eval_tokens, bf16)
-            history["eval_step"].append(step + 1)
-            history["eval_loss"].append(round(ev, 5))
-            bar.set_postfix(loss=f"{loss.item():.3f}", heldout=f"{ev:.3f}")
-        history["train_seconds"] = time.perf_counter() - t_start
-        done_here += 1
-        if cfg.parent_checkpoint_every and (step + 1) % cfg.parent_checkpoint_every == 0 and not last:
-            save_train_state(state_dir, model, opt, step + 1, history, key)
-        if stop_after is not None and done_here >= stop_after and not last:
-            raise KeyboardInterrupt(f"stopped after {done_here} steps (stop_after)")
-    model.eval()
-    return history
+        return {"train_loss": round(loss.item(), 5)}, loss.item()
+
+    def held_out() -> tuple[dict, dict]:
+        ev = evaluate(model, held, cfg, cfg.parent_eval_tokens, bf16)
+        return {"eval_loss": round(ev, 5)}, {"heldout": f"{ev:.3f}"}
+
+    return train_loop(model, settings, grad_step, held_out, history, Checkpoint(state_dir, key),
+                      clock="train_seconds", progress="parent training", stop_after=stop_after)
 
 
 # --------------------------------------------------------------------------------- samples
