@@ -6,8 +6,9 @@ initialised from the parent; ``sub_out`` is what a sub-block adds to the residua
 ``nmse`` the normalized MSE BLD trains and reports. ``Streams`` / ``ParentStreamer`` run the
 parent once over the training and held-out batches, one layer at a time, keeping the residual
 stream entering the layer and the parent's attention / FFN outputs (in RAM, on the device, or
-memory-mapped files). ``train_block`` trains one block on them (AdamW, the parent's LR schedule,
-optional bf16 autocast) and ``evaluate`` measures it on the held-out batches; ``train_blocks``
+memory-mapped files). ``train_block`` trains one block on them with the shared loop
+(``core/train.py``: AdamW, warm-up + cosine LR) on the nmse, the forward under optional bf16
+autocast, and ``evaluate`` measures it on the held-out batches; ``train_blocks``
 drives a list of jobs (e.g. one rank's shard) through all of this. ``probe_step`` is one training
 step at the stage's shapes, which ``precision.probe`` times in fp32 and bf16 (``bld_autocast_bf16="auto"``).
 
@@ -39,7 +40,7 @@ from .library import Library
 from ..core.configuration_decilm import PuzzleConfig
 from ..core.model import child_config
 from ..core.modeling_decilm import PuzzleDecoderLayer
-from ..core.train import lr_at, make_optimizer
+from ..core.train import LoopSettings, train_loop
 
 # ------------------------------------------------------------------------ modules and maths
 
@@ -279,32 +280,25 @@ def train_block(module, job: Job, batch: Callable[[int], tuple[torch.Tensor, tor
     init = evaluate(module, job.kind, eval_set, rope)
     hist = {"step": [], "train_nmse": [], "lr": [], "eval_step": [0], "eval_nmse": [init]}
     if job.trained:
-        opt = make_optimizer(module, s.lr, s.weight_decay)
-        module.train()
         amp = (torch.autocast(device.type, dtype=torch.bfloat16) if s.autocast_bf16 else nullcontext())
-        for step in range(s.steps):
-            lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
+
+        def grad_step(step: int) -> tuple[dict, float]:
             x, target = batch(step)
             cos, sin = rope(x.shape[-2])
             with amp:
                 out = sub_out(module, job.kind, x.float(), cos.float(), sin.float())
             loss = nmse(out, target)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), s.grad_clip)
-            opt.step()
-            hist["step"].append(step)
-            hist["train_nmse"].append(loss.item())
-            hist["lr"].append(lr)
-            if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < s.steps:
-                hist["eval_step"].append(step + 1)
-                hist["eval_nmse"].append(evaluate(module, job.kind, eval_set, rope))
-        final = evaluate(module, job.kind, eval_set, rope)
-        hist["eval_step"].append(s.steps)
-        hist["eval_nmse"].append(final)
+            return {"train_nmse": loss.item()}, loss.item()
+
+        def held_out() -> tuple[dict, dict]:
+            return {"eval_nmse": evaluate(module, job.kind, eval_set, rope)}, {}
+
+        settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps,
+                                min_lr_ratio=s.min_lr_ratio, weight_decay=s.weight_decay,
+                                grad_clip=s.grad_clip, eval_every=s.eval_every)
+        hist = train_loop(module, settings, grad_step, held_out, hist)
+        final = hist["eval_nmse"][-1]  # the loop always evaluates after the last step
     else:
         final = init
     module.eval()
