@@ -15,10 +15,12 @@ What it does:
 * assembles every child chosen by stage 04 — the MIP's solution(s) *and* the baselines, so the
   comparison is fair: every child gets the same token budget, batches and schedule — from the BLD
   library (``library.build_child_from_library``);
-* trains it with AdamW, linear warm-up + cosine decay, bf16 autocast where the device runs it
-  natively and a probe measures it faster (``gkd_autocast_bf16="auto"``, ``precision.py``), gradient
-  accumulation, gradient clipping, tqdm, periodic held-out evaluation (KL, LM loss, top-1 agreement
-  with the parent) and atomic checkpoints; a killed run resumes from its last checkpoint and ends
+* trains it with the shared loop (``core/train.py``: AdamW, linear warm-up + cosine decay,
+  gradient clipping, tqdm, periodic held-out evaluation, atomic checkpoints); what is GKD's own is
+  passed to it: the forwards under bf16 autocast where the device runs it natively and a probe
+  measures it faster (``gkd_autocast_bf16="auto"``, ``precision.py``), gradient accumulation, the
+  all-reduce across ranks, and the held-out metrics (KL, LM loss, top-1 agreement with the
+  parent); a killed run resumes from its last checkpoint and ends
   with the same weights as an uninterrupted run (batch k depends only on (seed, k));
 * runs data-parallel under ``torchrun --nproc_per_node N -m puzzlelib.gkd …`` (gloo on CPU, nccl on
   GPU): every rank draws the *same* global batch and takes its share of the rows, gradients are
@@ -38,21 +40,19 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..core import data, precision
 from ..core.config import RunConfig
 from ..core.distributed import Dist, stage_main
 from ..core.export import save_checkpoint
 from ..core.modeling_decilm import PuzzleForCausalLM
-from ..core.train import load_train_state, lr_at, make_optimizer, save_train_state
+from ..core.train import Checkpoint, LoopSettings, train_loop
 from ..core.rundir import RunDir
 from ..core.atomic import atomic_write_json
 
@@ -204,25 +204,12 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarr
     if not isinstance(s.autocast_bf16, bool):  # "auto" outside run(): decided here, unrecorded
         s = replace(s, autocast_bf16=precision.resolve_flag(
             s.autocast_bf16, STAGE, "gkd_autocast_bf16", dd.device, lambda rows=None: probe_step(parent, s, dd, rows)))
-    opt = make_optimizer(child, s.lr, s.weight_decay)
     history = {"step": [], "loss": [], "cosine": [], "kl": [], "lm": [], "lr": [], "eval_step": [],
                "eval": [], "tokens_per_step": s.batch_size * s.seq_len, "total_steps": s.steps, "seconds": 0.0}
-    start = 0
-    if state_dir is not None:
-        got = load_train_state(state_dir, child, opt, key)
-        if got is not None:
-            start, history = got
-    child.train()
     micro = s.batch_size // s.grad_accum
-    t0 = time.perf_counter() - history["seconds"]
-    bar = tqdm(range(start, s.steps), desc=desc, initial=start, total=s.steps, unit="step", disable=not dd.main)
-    done_here = 0
-    for step in bar:
-        lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+    def grad_step(step: int) -> tuple[dict, float]:
         x_all, y_all = data.batch_at(train, s.batch_size, s.seq_len, s.seed, step)
-        opt.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "cosine": 0.0, "kl": 0.0, "lm": 0.0}
         for a in range(s.grad_accum):
             rows = slice(a * micro + dd.rank, (a + 1) * micro, dd.world)
@@ -237,28 +224,21 @@ def distill(child: PuzzleForCausalLM, parent: PuzzleForCausalLM, train: np.ndarr
             for k, v in terms.items():
                 sums[k] += v / s.grad_accum
         dd.average_grads(child)
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(child.parameters(), s.grad_clip)
-        opt.step()
-        history["step"].append(step)
-        history["lr"].append(lr)
-        for k in ("loss", "cosine", "kl", "lm"):
-            history[k].append(round(dd.mean(sums[k]), 6))
-        last = step == s.steps - 1
-        if (s.eval_every and (step + 1) % s.eval_every == 0) or last:
-            ev = evaluate(child, parent, held, s.seq_len, micro, s.eval_tokens, dd.device)
-            history["eval_step"].append(step + 1)
-            history["eval"].append(ev)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", heldout_kl=f"{ev['kl']:.3f}")
-        history["seconds"] = time.perf_counter() - t0
-        done_here += 1
-        if state_dir is not None and dd.main and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and not last:
-            save_train_state(state_dir, child, opt, step + 1, history, key)
-        dd.barrier()
-        if stop_after is not None and done_here >= stop_after and not last:
-            raise KeyboardInterrupt(f"stopped after {done_here} GKD steps (stop_after)")
-    child.eval()
-    return history
+        # The history holds the global batch's means; the bar shows this rank's loss.
+        return {k: round(dd.mean(v), 6) for k, v in sums.items()}, sums["loss"]
+
+    def held_out() -> tuple[dict, dict]:
+        ev = evaluate(child, parent, held, s.seq_len, micro, s.eval_tokens, dd.device)
+        return {"eval": ev}, {"heldout_kl": f"{ev['kl']:.3f}"}
+
+    settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps,
+                            min_lr_ratio=s.min_lr_ratio, weight_decay=s.weight_decay,
+                            grad_clip=s.grad_clip, eval_every=s.eval_every,
+                            checkpoint_every=s.checkpoint_every)
+    checkpoint = Checkpoint(state_dir, key, write=dd.main) if state_dir is not None else None
+    return train_loop(child, settings, grad_step, held_out, history, checkpoint,
+                      clock="seconds", progress=desc if dd.main else None,
+                      stop_after=stop_after, end_step=dd.barrier)
 
 
 # --------------------------------------------------------------------------------- the stage
