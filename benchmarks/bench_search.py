@@ -119,7 +119,7 @@ def main() -> None:
     for key in args.instances.split(","):
         label, layers, attn = instances[key]
         p = synthetic(layers, attn, FFN10 if key == "large" else FFN)
-        budget = Budget(min_speedup=args.speedup, max_memory_bytes=args.memory_gib * 2**30)
+        budget = Budget(speedup=args.speedup, max_memory_bytes=args.memory_gib * 2**30)
         print(f"\n== {label}: {len(p.columns)} option binaries, batches {p.batch_sizes}, "
               f"speed-up >= {args.speedup}x, memory <= {args.memory_gib} GiB")
         out = {}

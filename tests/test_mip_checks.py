@@ -129,7 +129,7 @@ def test_both_solvers_equal_brute_force_at_byte_and_parameter_magnitudes(seed):
     p = llama70b_like(L=3, seed=seed, attn=attn, ffn=ffn)
     rng = np.random.default_rng(100 + seed)
     par = p.total(p.parent, "params", 1)
-    budget = Budget(min_speedup=float(rng.uniform(1.0, 1.6)),
+    budget = Budget(speedup=float(rng.uniform(1.0, 1.6)),
                     max_memory_bytes=float(rng.uniform(0.6, 0.95) * p.total(p.parent, "memory", 64)),
                     max_params=float(rng.uniform(0.6, 0.95) * par))
     results = {}
@@ -155,7 +155,7 @@ def test_gurobi_and_highs_agree_at_realistic_magnitudes(seed):
     # bytes and parameters active together with a speed-up: the rows the issue found misread.
     p = llama70b_like(L=40, seed=seed)
     rng = np.random.default_rng(seed)
-    budget = Budget(min_speedup=float(rng.uniform(1.3, 2.0)),
+    budget = Budget(speedup=float(rng.uniform(1.3, 2.0)),
                     max_memory_bytes=float(rng.uniform(0.5, 0.8) * p.total(p.parent, "memory", 64)),
                     max_params=float(rng.uniform(0.5, 0.8) * p.total(p.parent, "params", 1)))
     got = {}
@@ -371,7 +371,7 @@ def test_diversity_formulations_equal_brute_force(seed, joint, need):
     ffn = dict(list(FFN.items())[:3] + [("ffn:noop", 0)])
     p = llama70b_like(L=3, seed=seed, joint=joint, attn=attn, ffn=ffn)
     rng = np.random.default_rng(seed)
-    s = Searcher(p, Budget(min_speedup=float(rng.uniform(1.0, 1.4))), solver="highs", gap=0.0, cross_check=False)
+    s = Searcher(p, Budget(speedup=float(rng.uniform(1.0, 1.4))), solver="highs", gap=0.0, cross_check=False)
     children = [[c for c, _ in picks] for picks in itertools.product(*(combos(p, i) for i in range(p.num_layers)))]
     first = children[rng.integers(len(children))]
     same_attn = [c for c in children if c[0][0] == first[0][0] and c[0][1] != first[0][1]]

@@ -106,7 +106,7 @@ def test_mip_optimum_equals_brute_force(solver, seed, speedup, mem, params, pair
     p = make_problem(L=3, n_attn=3, n_ffn=3, pairs=pairs, seed=seed)
     parent_mem = p.total(p.parent, "memory", 8)
     parent_params = p.total(p.parent, "params", 1)
-    budget = Budget(min_speedup=speedup, max_memory_bytes=mem * parent_mem, max_params=params * parent_params,
+    budget = Budget(speedup=speedup, max_memory_bytes=mem * parent_mem, max_params=params * parent_params,
                     max_latency_ms=latency * p.total(p.parent, "time", 1),
                     min_tokens_per_s=tps * p.evaluate(p.parent, 1)["tokens_per_s"])
     s = Searcher(p, budget, solver=solver, gap=0.0)
@@ -128,7 +128,7 @@ def test_both_solvers_same_optimum_on_default_size_problem():
     for solver in ("highs", "gurobi"):
         if solver == "gurobi" and "auto" not in SOLVERS:
             continue
-        s = Searcher(p, Budget(min_speedup=1.8, max_memory_bytes=0.9 * p.total(p.parent, "memory", 8)),
+        s = Searcher(p, Budget(speedup=1.8, max_memory_bytes=0.9 * p.total(p.parent, "memory", 8)),
                      solver=solver, gap=0.0)
         spec = s.best()
         out[solver] = spec.predicted["score"]
@@ -139,14 +139,14 @@ def test_both_solvers_same_optimum_on_default_size_problem():
 def test_gurobi_licence_limit_falls_back_to_highs_with_the_reason():
     gp = pytest.importorskip("gurobipy")
     p = make_problem(L=80, n_attn=6, n_ffn=22, pairs=0, seed=1)  # 2240 binaries > 2000
-    s = Searcher(p, Budget(min_speedup=1.5), solver="auto", gap=1e-6)
+    s = Searcher(p, Budget(speedup=1.5), solver="auto", gap=1e-6)
     spec = s.best()
     if spec.solver["solver"].startswith("gurobi"):
         pytest.skip(f"this gurobipy licence ({gp.gurobi.version()}) admits 2240 variables")
     assert spec.solver["solver"].startswith("highs")
     assert "10010" in spec.solver["fallback_reason"] and "2240 variables" in spec.solver["fallback_reason"]
     with pytest.raises(mip.SearchError, match="search_solver='auto'"):
-        Searcher(p, Budget(min_speedup=1.5), solver="gurobi").best()
+        Searcher(p, Budget(speedup=1.5), solver="gurobi").best()
 
 
 def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):
@@ -155,7 +155,7 @@ def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):
 
     monkeypatch.setattr(mip, "solve", lambda *a, **k: mip.Solved("time_limit", None, None, "fake", 1.0))
     with pytest.raises(mip.SearchError, match="search_time_limit_s") as e:
-        Searcher(p, Budget(min_speedup=1.2)).best()
+        Searcher(p, Budget(speedup=1.2)).best()
     assert not isinstance(e.value, InfeasibleBudget)
 
 
@@ -167,7 +167,7 @@ def test_diverse_solutions_differ_and_each_is_optimal_given_the_earlier(solver, 
     # several random instances: each solver's settings for models with diversity cuts (gurobipy's
     # MIR cuts) must leave every solution of the sequence optimal given the earlier ones
     p = make_problem(L=4, n_attn=3, n_ffn=3, pairs=1, seed=seed)
-    s = Searcher(p, Budget(min_speedup=1.4), solver=solver, gap=0.0)
+    s = Searcher(p, Budget(speedup=1.4), solver=solver, gap=0.0)
     sols, _ = s.diverse(4, 0.5, progress=False)   # each differs in >= 2 of 4 layers
     assert len(sols) >= 2
     for k, a in enumerate(sols):
@@ -192,7 +192,7 @@ def test_diversity_exhausted_is_a_note_not_an_error():
 
 def test_infeasible_speedup_names_the_tightest_value():
     p = make_problem(L=3, seed=2)
-    s = Searcher(p, Budget(min_speedup=50.0), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=50.0), solver="highs", gap=0.0)
     with pytest.raises(InfeasibleBudget) as e:
         s.best()
     # The tightest speed-up is the cheapest child's: every layer at its fastest option.
@@ -213,9 +213,9 @@ def test_infeasible_combination_is_explained_given_the_other_budgets():
                     _opt("attn:kv2", "attn", 1.0, 10.0, 100.0)],
            "ffn": [_opt("ffn:1.00", "ffn", 0.0, 0.0, 0.0)], "pair": []}
     p = Problem([lay, lay], _opt("fixed", "fixed", 0.0, 1.0, 0.0).cost, {1: (8, 1)}, [("attn:kv4", "ffn:1.00")] * 2)
-    s = Searcher(p, Budget(min_speedup=3.0, max_memory_bytes=700.0), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=3.0, max_memory_bytes=700.0), solver="highs", gap=0.0)
     assert brute_force(s) is None
-    assert brute_force(s, Budget(min_speedup=3.0)) and brute_force(s, Budget(max_memory_bytes=700.0))
+    assert brute_force(s, Budget(speedup=3.0)) and brute_force(s, Budget(max_memory_bytes=700.0))
     with pytest.raises(InfeasibleBudget) as e:
         s.best()
     t = e.value.tightest
@@ -233,9 +233,9 @@ def test_memory_budget_lets_a_small_kv_child_use_a_bigger_batch():
     p = make_problem(L=3, n_attn=3, n_ffn=3, pairs=0, seed=5)
     # The parent fits only at batch 1; a child with fewer KV heads fits at batch 8.
     mem = (p.total(p.parent, "memory", 1) + p.total(p.parent, "memory", 8)) / 2
-    s = Searcher(p, Budget(min_speedup=1.0, max_memory_bytes=mem), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=1.0, max_memory_bytes=mem), solver="highs", gap=0.0)
     assert s.ref_batch == 1  # speed-ups are against the parent at its best batch that fits
-    sp8 = Searcher(p, Budget(min_speedup=s.problem.evaluate(p.parent, 8)["tokens_per_s"] / s.ref_tps * 0.99,
+    sp8 = Searcher(p, Budget(speedup=s.problem.evaluate(p.parent, 8)["tokens_per_s"] / s.ref_tps * 0.99,
                              max_memory_bytes=mem), solver="highs", gap=0.0).best()
     assert sp8.batch == 8 and sp8.predicted["memory_bytes"] <= mem
     assert any(a != "attn:kv4" for a, _ in sp8.choices)  # it had to shrink the KV cache
@@ -243,7 +243,7 @@ def test_memory_budget_lets_a_small_kv_child_use_a_bigger_batch():
 
 def test_coupled_pair_fills_both_slots_and_round_trips(tiny_parent):
     p = make_problem(L=3, n_attn=3, n_ffn=3, pairs=1, seed=0)
-    s = Searcher(p, Budget(min_speedup=1.3), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=1.3), solver="highs", gap=0.0)
     spec = s.best()
     ev = p.evaluate(spec.child, spec.batch)
     assert ev["score"] == pytest.approx(spec.predicted["score"])
@@ -262,7 +262,7 @@ def test_coupled_pair_fills_both_slots_and_round_trips(tiny_parent):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_baselines_meet_the_same_budget(seed):
     p = make_problem(L=6, n_attn=4, n_ffn=5, pairs=1, seed=seed)
-    s = Searcher(p, Budget(min_speedup=1.5, max_params=0.8 * p.total(p.parent, "params", 1)),
+    s = Searcher(p, Budget(speedup=1.5, max_params=0.8 * p.total(p.parent, "params", 1)),
                  solver="highs", gap=0.0)
     mip_spec = s.best()
     influence = list(np.random.default_rng(seed).random(6))
@@ -286,7 +286,7 @@ def test_baselines_meet_the_same_budget(seed):
 
 def test_random_baseline_falls_back_to_a_random_feasible_point():
     p = make_problem(L=6, n_attn=4, n_ffn=5, pairs=0, seed=3)
-    s = Searcher(p, Budget(min_speedup=2.2), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=2.2), solver="highs", gap=0.0)
     spec = baselines.random_child(s, seed=0, tries=0)
     assert spec is not None and "random-objective MIP" in spec.notes[0]
     assert all(c["ok"] for c in spec.checks.values())
@@ -294,7 +294,7 @@ def test_random_baseline_falls_back_to_a_random_feasible_point():
 
 def test_sweep_and_pareto_rows():
     p = make_problem(L=4, n_attn=3, n_ffn=4, pairs=1, seed=2)
-    s = Searcher(p, Budget(min_speedup=1.2), solver="highs", gap=0.0)
+    s = Searcher(p, Budget(speedup=1.2), solver="highs", gap=0.0)
     rows = s.pareto([1.2, 1.8, 100.0], progress=False) + baselines.sweep(s, [0.1, 0.2, 0.3, 0.4], [1.2, 1.8])
     mip_rows = [r for r in rows if r["method"] == "mip"]
     assert [r["feasible"] for r in mip_rows] == [True, True, False]

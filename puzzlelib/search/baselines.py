@@ -210,7 +210,7 @@ def sweep(s: Searcher, influence: Sequence[float], speedups: Sequence[float], ke
 
     rows = []
     for target in speedups:
-        b = replace(s.budget, min_speedup=target)
+        b = replace(s.budget, speedup=target)
         for method, spec in (("greedy", greedy(s, b)), ("uniform", uniform(s, b)), ("depth", depth(s, influence, b))):
             rows.append(pareto_row(method, target, spec))
             if spec is not None and keep is not None:

@@ -248,9 +248,11 @@ def build_problem(costs, scores: Mapping[tuple[int, str], float], metric: str = 
 
 @dataclass(frozen=True)
 class Budget:
-    """Hardware budgets; 0 switches a constraint off. ``ranges`` bound any statistic on both sides."""
+    """Hardware budgets; 0 switches a constraint off. ``ranges`` bound any statistic on both sides.
+    Each field is its config field without ``search_`` (``search_speedup`` → ``speedup`` → the row
+    named "speedup"); memory and parameters arrive converted to bytes and to a parameter count."""
 
-    min_speedup: float = 0.0        # × the parent's best predicted throughput (see reference())
+    speedup: float = 0.0            # search_speedup: × the parent's best predicted throughput (see reference())
     min_tokens_per_s: float = 0.0   # generated tokens per second of the whole batch
     max_latency_ms: float = 0.0     # one scenario's prefill + gen_len decode steps
     max_memory_bytes: float = 0.0   # weights + batch × (prompt + gen) × KV bytes per token
@@ -260,7 +262,7 @@ class Budget:
     @classmethod
     def from_config(cls, cfg: RunConfig, parent_params: float) -> Budget:
         # By keyword, one line per config field (FIELDS below maps each constraint row back).
-        return cls(min_speedup=cfg.search_speedup,
+        return cls(speedup=cfg.search_speedup,
                    min_tokens_per_s=cfg.search_min_tokens_per_s,
                    max_latency_ms=cfg.search_max_latency_ms,
                    max_memory_bytes=cfg.search_max_memory_mib * 2**20,
@@ -297,8 +299,8 @@ def constraint_rows(problem: Problem, budget: Budget, batch: int, ref_tps: float
     """The active constraints at ``batch``."""
     gen = problem.scenarios[batch][1]
     rows = []
-    if budget.min_speedup:
-        rows.append(Row("speedup", "time", -math.inf, 1e3 * batch * gen / (budget.min_speedup * ref_tps)))
+    if budget.speedup:
+        rows.append(Row("speedup", "time", -math.inf, 1e3 * batch * gen / (budget.speedup * ref_tps)))
     if budget.min_tokens_per_s:
         rows.append(Row("throughput", "time", -math.inf, 1e3 * batch * gen / budget.min_tokens_per_s))
     if budget.max_latency_ms:

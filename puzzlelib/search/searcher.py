@@ -242,7 +242,7 @@ class Searcher:
         return out
 
     def explain(self, budget: Budget, tight: dict) -> str:
-        asked = {"speedup": budget.min_speedup, "throughput": budget.min_tokens_per_s,
+        asked = {"speedup": budget.speedup, "throughput": budget.min_tokens_per_s,
                  "latency": budget.max_latency_ms, "memory": budget.max_memory_bytes / 2**20,
                  "params": budget.max_params}
         parts = []
@@ -287,7 +287,7 @@ class Searcher:
         for s in tqdm(speedups, desc="Pareto sweep", disable=not progress):
             t0 = time.perf_counter()
             try:
-                spec = self.best(replace(self.budget, min_speedup=s), name=f"pareto-{s:g}", purpose=f"pareto {s:g}",
+                spec = self.best(replace(self.budget, speedup=s), name=f"pareto-{s:g}", purpose=f"pareto {s:g}",
                                  explain=False)
                 rows.append(pareto_row("mip", s, spec, time.perf_counter() - t0))
                 if keep is not None:
