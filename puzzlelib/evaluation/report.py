@@ -72,7 +72,8 @@ def headline_sentence(metrics: dict) -> str:
             f"this device (stage 01 predicted {h['predicted_speedup']:.2f}×; target {h['target_speedup']:g}×) and "
             f"keeps **{_pct(h['retention'])}** of its mean accuracy (95 % CI {_pct(lo)}–{_pct(hi)}; "
             f"{_pct(h['above_chance_retention'])} of its accuracy above chance).{base} " + _goal_clause(metrics)
-            + f"; ahead of every baseline (point estimates after GKD): {'yes' if h['ahead_of_every_baseline'] else 'no'}.")
+            + "; ahead of every baseline (point estimates after GKD): "
+            + f"{'yes' if h['ahead_of_every_baseline'] else 'no'}.")
 
 
 def _goal_clause(metrics: dict) -> str:
@@ -140,7 +141,9 @@ def pareto_markdown(metrics: dict) -> str:
                 tally.setdefault(k.split("_")[0], {}).setdefault(c[k], 0)
                 tally[k.split("_")[0]][c[k]] += 1
     said = "; ".join(f"on {'mean accuracy' if k == 'accuracy' else 'KL to the parent'} the MIP child "
-                     + ", ".join(f"{v[w]} {_PLURAL[w] if v[w] != 1 else w}" for w in _PLURAL if w in v) for k, v in tally.items())
+                     + ", ".join(f"{v[w]} {_PLURAL[w] if v[w] != 1 else w}" for w in _PLURAL if w in v)
+                     for k, v in tally.items())
+    fid = f", and KL to the parent and bits per byte over {pe['fidelity_tokens']} held-out tokens" if kl else ""
     w = pe["accuracy_interval_width"]
     goal = pareto_goal(metrics)
     goal_text = "" if goal is None else (
@@ -154,7 +157,7 @@ def pareto_markdown(metrics: dict) -> str:
     return f"""## Measured Pareto: MIP, greedy, uniform and depth pruning at every target
 
 Every child of stage 04's sweep, assembled from the BLD library (before GKD) and evaluated like the
-rest: the same task samples{f", and KL to the parent and bits per byte over {pe['fidelity_tokens']} held-out tokens" if kl else ""}.
+rest: the same task samples{fid}.
 A child two methods share is evaluated once (its row names the model that carries the numbers).
 
 {chr(10).join(lines)}
@@ -163,8 +166,9 @@ A child two methods share is evaluated once (its row names the model that carrie
 
 Positive Δ accuracy and negative Δ KL / bits per byte favour the MIP. "win" / "loss": the interval
 excludes 0; "tie": it does not. Pairs are matched by stage 01's *predicted* speed-up, so a rerun
-compares the same pairs; the measured speed-ups of both children stand next to each pair. Accuracy intervals are {100 * w['median']:.1f} points wide (median; widest
-{100 * w['max']:.1f}) against a ±2-point (4-point-wide) goal: the token-level KL carries the fine comparisons.
+compares the same pairs; the measured speed-ups of both children stand next to each pair.
+Accuracy intervals are {100 * w['median']:.1f} points wide (median; widest {100 * w['max']:.1f}) against a
+±2-point (4-point-wide) goal: the token-level KL carries the fine comparisons.
 
 {chr(10).join(comp)}
 
@@ -211,7 +215,8 @@ interleaved in one process (median of per-round ratios) · retention = mean accu
 - The paper for comparison — {paper}. Those are 70B/8B models on H100s with TensorRT-LLM; this run is
   a small model on this device, so compare the *shape* of the result, not the numbers.
 
-{('## Notes' + chr(10) + chr(10) + notes) if notes else ''}Timing: quality {metrics['timing']['quality_seconds']} s, throughput {metrics['timing']['throughput_seconds']} s.
+{('## Notes' + chr(10) + chr(10) + notes) if notes else ''}Timing: quality {metrics['timing']['quality_seconds']} s, \
+throughput {metrics['timing']['throughput_seconds']} s.
 """
 
 

@@ -274,7 +274,8 @@ def run(cfg: RunConfig, progress: bool = True) -> EvaluationResult:
         known = {tuple(tuple(c) for c in e.choices): e.name for e in entries if not e.gkd}
         points, new = PE.plan_points(PE.read_children(sres.dir), known)
         entries += [ModelEntry(n["name"], n["spec"].method, False, [tuple(c) for c in n["spec"].choices],
-                               "BLD library", lambda spec=n["spec"]: spec.build_model(parent_model, bld.load(cfg).library_dir),
+                               "BLD library",
+                               lambda spec=n["spec"]: spec.build_model(parent_model, bld.load(cfg).library_dir),
                                n["spec"].to_dict()) for n in new]
     windows = None
     if cfg.eval_fidelity_tokens:

@@ -53,12 +53,14 @@ def greedy_generate(model: PuzzleForCausalLM, ids: torch.Tensor, gen_len: int) -
     cache = PuzzleCache(model.config)
     _sync(dev)
     t0 = _now()
-    nxt = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
     _sync(dev)
     t1 = _now()
     out = [nxt]
     for _ in range(gen_len):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
     _sync(dev)
     t2 = _now()

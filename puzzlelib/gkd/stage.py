@@ -324,8 +324,8 @@ def distill_children(parent: PuzzleForCausalLM, children: list, library_root: Pa
              "steps": len(history["step"]), "tokens": len(history["step"]) * history["tokens_per_step"],
              "seconds": round(history["seconds"], 1)}
         if dd.main:
-            save_checkpoint(child, cdir, tokenizer=tokenizer, lm_eval=lm_eval, extra_files={"history.json": json.dumps(history),
-                                                      "gkd.json": json.dumps({"key": key, "metrics": m})})
+            extra = {"history.json": json.dumps(history), "gkd.json": json.dumps({"key": key, "metrics": m})}
+            save_checkpoint(child, cdir, tokenizer=tokenizer, lm_eval=lm_eval, extra_files=extra)
             shutil.rmtree(out / "train_state" / safe_name(name), ignore_errors=True)
         dd.barrier()
         results[name] = m
