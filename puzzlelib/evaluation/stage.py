@@ -355,7 +355,7 @@ def _task_accuracy(name: str, results: dict) -> float:
 def summarize(cfg: RunConfig, entries: list[ModelEntry], quality: dict, thr: dict, costs, task_info: dict,
               hf_names: list[str], notes: list[str], timing: dict) -> dict:
     """The comparison table (one row per model) and the headline, as metrics.json holds them."""
-    mc = [t for t in T.MC_TASKS] + [t for t in hf_names if t in quality["parent"]["results"]]
+    mc = mc_tasks(cfg, quality)
     chance = {t: T.CHANCE.get(t) for t in mc}
     parent_q = quality["parent"]
     correct = correctness(quality, mc)
