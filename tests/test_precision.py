@@ -191,7 +191,10 @@ def test_decide_is_stable_per_run_and_recorded(tmp_path, forced):
     assert not other.bf16 and not other.reused
     # Another capability (e.g. the run moved to a CPU without native bf16): decided afresh.
     forced(False)
-    assert not precision.decide(rd, "00_parent", FIELD, "auto", "cpu", _never).bf16
+    moved = precision.decide(rd, "00_parent", FIELD, "auto", "cpu", _never)
+    # The record says how the capability was found, not merely that it was passed along.
+    assert not moved.bf16 and moved.capability == f"{precision.ENV_FORCE_NATIVE}=0"
+    assert moved.reason.startswith(f"auto: {precision.ENV_FORCE_NATIVE}=0")
     assert "00_parent: training in fp32" in precision.summary_line(rd.root, "00_parent")
     assert "no precision decision" in precision.summary_line(rd.root, "05_gkd")
 

@@ -179,18 +179,19 @@ def _probe_text(p: dict) -> str:
 
 def choose(stage: str, field: str, setting: Any, device: torch.device | str,
            make_step: Callable[..., Callable[[bool], Any]] | None, *, native: bool | None = None,
-           probe_result: dict | None = None) -> PrecisionChoice:
+           probe_result: dict | None = None, capability: str | None = None) -> PrecisionChoice:
     """The precision for a ``*_autocast_bf16`` setting (see the module docstring).
 
     ``make_step(rows)`` builds the stage's probe step on at most ``rows`` sequences of the stage's
     batch (called only when a probe runs): ``PROBE_ROWS`` for the ``auto`` decision, 1 for the
     warning's probe (an emulated bf16 step of a whole batch can take two minutes); ``native`` and
-    ``probe_result`` replace the capability check and the probe (tests)."""
+    ``probe_result`` replace the capability check and the probe (tests); ``capability`` says how
+    a given ``native`` was found (recorded with the choice)."""
     device = torch.device(device)
     if native is None:
         native, how = bf16_native(device)
     else:
-        how = "given by the caller"
+        how = capability or "given by the caller"
     base = dict(stage=stage, field=field, setting=setting, native_bf16=native, capability=how,
                 device=device.type)
 
@@ -236,9 +237,10 @@ def decide(rd, stage: str, field: str, setting: Any, device: torch.device | str,
     this device and capability, is reused from ``runs/<run>/precision.json``; every decision is
     recorded there and in ``environment.json`` (``record``)."""
     dev = torch.device(device)
+    how = None
     if setting == "auto":
-        if native is None:
-            native, _ = bf16_native(dev)
+        if native is None:  # checked here once (the record keeps how it was found)
+            native, how = bf16_native(dev)
         old = read_choices(rd.root).get(stage) or {}
         c = old.get("choice") or {}
         if (old.get("key") == rd.config_key(stage) and c.get("device") == dev.type
@@ -247,7 +249,8 @@ def decide(rd, stage: str, field: str, setting: Any, device: torch.device | str,
             choice = PrecisionChoice(**{**c, "reused": True})
             record(rd, choice)
             return choice
-    choice = choose(stage, field, setting, dev, make_step, native=native, probe_result=probe_result)
+    choice = choose(stage, field, setting, dev, make_step, native=native, probe_result=probe_result,
+                    capability=how)
     record(rd, choice)
     return choice
 
