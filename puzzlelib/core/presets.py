@@ -48,25 +48,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_context_lines=4, eval_speed_rounds=2, eval_bootstrap=200,
     ),
     # The workshop run on a laptop CPU (`make workshop`), sized so the whole run, parent included,
-    # fits 30 minutes on a 2-core laptop without native bf16 (issue #16). Measured with
-    # benchmarks/bench_cpu.py on one thread, fp32, under ONEDNN_MAX_CPU_ISA=AVX2
-    # MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU's kernels on this
-    # Xeon): the defaults' 6.8M-parameter parent (hidden 256) trains at 1.0k tokens/s there, so its
-    # 2M tokens alone would take ~33 minutes there (the whole run ~60, estimated); a hidden-128 parent (1.8M parameters,
-    # same 8 layers, 8 / 4 KV heads, SwiGLU 3x) trains at 2.6k tokens/s and makes every later stage
-    # ~2.5x cheaper too. Its cost table keeps the trade-off the search needs (FFN width graded
-    # 4.2 -> 0.7 ms per layer at batch 8, attention 3.9 ms, linear / no-op near zero). 1.5M parent
-    # tokens at a higher peak rate (small models take it) and 64k GKD tokens per child leave margin
-    # for slower laptops. threads and the *_autocast_bf16 fields stay "auto": one thread on 2 cores,
-    # bf16 autocast only where it is native and measured faster (it measured 1.5-1.8x *slower* at
-    # these sizes even on the AVX512-BF16 Xeon, so auto trains in fp32 there too).
+    # fits 30 minutes on a 2-core laptop without native bf16 (issue #16). Measured on one thread,
+    # fp32, with MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (an
+    # AVX2-only CPU's kernels on this Xeon; README, "Timings"): the defaults' 6.8M-parameter parent
+    # (hidden 256) trains at 1.0k tokens/s there, so its 2M tokens alone would take ~33 minutes and
+    # the whole run about an hour. A hidden-128 parent (1.8M parameters, the same 8 layers, 8 / 4
+    # KV heads, SwiGLU 3x) trains at 2.6k tokens/s and makes every later stage ~2.5x cheaper; its
+    # cost table keeps the trade-off the search needs (FFN width graded 4.2 -> 0.7 ms per layer at
+    # batch 8, attention 3.9 ms, linear / no-op near zero). With 1.5M parent tokens, 64k GKD tokens
+    # and the default BLD budget that run took 24.0 min (parent 11.6); the smaller budgets below
+    # leave a margin for a slower or busier laptop (a 2-core cloud Zen 3 ran the issue's fp32
+    # matmul 1.7-2.2x slower than this emulation while busy). Batches of 8 sequences give the
+    # parent and GKD more optimizer steps from the same tokens.
+    # threads and the *_autocast_bf16 fields stay "auto": one thread on 2 cores, bf16 autocast only
+    # where it is native and measured faster (it measured 1.5-1.8x *slower* at these sizes even on
+    # the AVX512-BF16 Xeon, so auto trains in fp32 there too).
     # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
     # the laptop or the shared workshop server runs meanwhile (see notebook 01).
     "default": dict(
         profile_clock="cpu",
-        parent_hidden_size=128, parent_intermediate_size=384, parent_train_tokens=1_500_000,
-        parent_lr=2e-3,
-        gkd_tokens=65_536, gkd_ablation_tokens=16_384,
+        parent_hidden_size=128, parent_intermediate_size=384, parent_train_tokens=1_000_000,
+        parent_batch_size=8, parent_lr=2e-3,
+        bld_tokens_per_variant=98_304,
+        gkd_tokens=49_152, gkd_batch_size=8, gkd_ablation_tokens=16_384,
     ),
     # A real pretrained parent on a laptop CPU: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), a
     # Llama with 30 layers, hidden 576, 9 query / 3 KV heads, SwiGLU 1536, vocab 49152; from the hub
