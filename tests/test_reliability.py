@@ -55,6 +55,30 @@ def _tail(log: Path, n: int = 3000) -> str:
     return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
 
 
+def _where(runner: subprocess.Popen, tree: list) -> str:
+    """What a hung runner and its processes are doing (status; Python stacks when py-spy is
+    installed), then every one of them killed so the suite goes on."""
+    import shutil
+
+    import psutil
+
+    local = Path(sys.executable).with_name("py-spy")
+    spy = shutil.which("py-spy") or (str(local) if local.exists() else None)
+    lines = []
+    for p in [psutil.Process(runner.pid), *tree]:
+        try:
+            lines.append(f"pid {p.pid} {p.status()}: {' '.join(p.cmdline())[:160]}")
+        except psutil.Error as e:
+            lines.append(f"pid {p.pid}: {type(e).__name__}")
+            continue
+        if spy:
+            out = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True,
+                                 timeout=30, check=False)
+            lines.append((out.stdout or out.stderr)[-3000:])
+    _kill_pipeline(runner)
+    return "\n".join(lines)
+
+
 def _kill_pipeline(proc: subprocess.Popen) -> None:
     """SIGKILL the runner, its notebook process and the Jupyter kernel. The kernel runs in a
     session of its own (jupyter_client starts it so), so killing the runner's process group
@@ -371,7 +395,10 @@ def test_a_signal_stops_the_notebook_and_its_kernel(tmp_path, how):
         if _lock_free(lock):  # the lock may go only once every process under the runner is gone
             assert not [p for p in tree if _alive(p)], "pipeline lock released before the kernel died"
         time.sleep(0.02)
-    rc = runner.wait(timeout=5)
+    try:
+        rc = runner.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # hung: say where, so the next occurrence can be diagnosed
+        pytest.fail(f"the runner did not exit within 65 s of {how}:\n{_where(runner, tree)}\n{_tail(log)}")
     gone, alive = psutil.wait_procs(tree, timeout=30)
     assert not [p for p in alive if _alive(p)], f"left running: {alive}\n{_tail(log)}"
     out = log.read_text()
