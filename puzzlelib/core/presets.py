@@ -61,8 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # matmul 1.7-2.2x slower than this emulation while busy). Batches of 8 sequences give the
     # parent and GKD more optimizer steps from the same tokens.
     # threads and the *_autocast_bf16 fields stay "auto": one thread on 2 cores, bf16 autocast only
-    # where it is native and measured faster (it measured 1.5-1.8x *slower* at these sizes even on
-    # the AVX512-BF16 Xeon, so auto trains in fp32 there too).
+    # where it is native and measured faster (its probe measured bf16 1.7-1.9x *slower* at these
+    # sizes even on the AVX512-BF16 Xeon, so auto trains in fp32 there too).
     # profile_clock="cpu": one thread's CPU time, so the cost table does not depend on what else
     # the laptop or the shared workshop server runs meanwhile (see notebook 01).
     "default": dict(
