@@ -372,10 +372,15 @@ def test_a_signal_stops_the_notebook_and_its_kernel(tmp_path, how):
 
     repo = _tiny_repo(tmp_path / "repo", _LONG_STAGE)
     run_dir, log = repo / "runs" / "sig", tmp_path / "runner.log"
+    # A foreground process on a terminal gets Ctrl-C at SIGINT's default disposition. An ignored
+    # SIGINT is inherited across exec (and Python then keeps ignoring it): some library in the
+    # suite leaves pytest's SIGINT ignored, and the runner, started from it, never saw the Ctrl-C
+    # (reproduced by ignoring SIGINT before pytest starts). So the runner starts as a terminal's would.
     with open(log, "wb") as f:
         runner = subprocess.Popen([sys.executable, "-m", "puzzlelib", "run", "--preset", "smoke",
                                    "--run-name", "sig", "--stages", "00", "--repo-root", str(repo)],
-                                  cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                                  cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid_file = run_dir / "kernel.pid"
     _wait_until(runner, lambda: pid_file.is_file() and pid_file.read_text(), "the stage running", log,
                 timeout=180)
