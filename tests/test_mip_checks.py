@@ -402,14 +402,17 @@ def test_unknown_diversity_formulation_is_refused():
         mip.formulate(p, [], 1, None, [p.parent], 1, "pair")
 
 
-def test_auto_diversity_gives_each_solver_its_formulation():
-    # two earlier children that differ in one layer: "layers" has 2 x L same-columns, "pairs" L + 1
+def test_both_solvers_get_the_pairs_formulation_with_binary_same_columns():
+    # two earlier children that differ in one layer: "pairs" has L + 1 same-columns ("layers" 2 x L),
+    # and every column, options and same-indicators alike, is binary (the solvers branch on them)
     p = _small()
     other = [(p.parent[0][0], p.layers[0]["ffn"][1].name)] + list(p.parent[1:])
     n, L = len(p.columns), p.num_layers
-    expect = {"highs": n + 2 * L, "gurobi": n + L + 1}
+    for form, size in (("pairs", n + L + 1), ("layers", n + 2 * L)):
+        m = mip.formulate(p, [], 1, None, [p.parent, other], 1, form)
+        assert len(m.c) == size and m.integer.all() and m.n_choice == n, form
     for solver in _solvers():
         res = mip.solve_checked(p, [], 1, cuts=[p.parent, other], min_differ=1, solver=solver, gap=0.0,
                                 cross_check=False)
-        assert res.mip_size[0] == expect[solver], solver
+        assert res.mip_size[0] == n + L + 1, solver
         assert min(mip.differing_layers(res.child, c) for c in (p.parent, other)) >= 1

@@ -129,7 +129,7 @@ class Searcher:
         self.log: list[dict] = []
         self._last_batch: int | None = None  # the batch that won the last search: solved first next time
         self.use_cutoff = True  # False: solve every batch size to the end (benchmarks/bench_search.py compares)
-        self.diversity = "auto"  # the diversity cuts' formulation: auto | pairs | layers (mip.solve_checked)
+        self.diversity = "pairs"  # the diversity cuts' formulation: pairs | layers (mip.formulate)
 
     def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
         """One checked solve (``mip.solve_checked``), logged."""
