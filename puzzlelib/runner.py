@@ -406,6 +406,7 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
     params = {"run_name": cfg.run_name, "preset": preset, "overrides": overrides}
     summary: dict[str, Any] = {"run_name": cfg.run_name, "preset": preset, "overrides": overrides,
                                "config": cfg.to_dict(), "stages": []}
+    earlier = _earlier_stages(report_dir / "pipeline.json", {s for s, _ in todo})
     result = PipelineResult(exit_code=0, report_dir=report_dir)
     echo(f"puzzlelib: run {cfg.run_name!r} (preset {preset}), {len(todo)} notebook(s), "
          f"reports -> {report_dir}")
@@ -425,11 +426,11 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
         except Interrupted as e:
             result.stages.append(e.result)
             summary["stages"].append(vars(e.result))
-            atomic_write_json(report_dir / "pipeline.json", summary)
+            atomic_write_json(report_dir / "pipeline.json", _merged(summary, earlier))
             raise
         result.stages.append(r)
         summary["stages"].append(vars(r))
-        atomic_write_json(report_dir / "pipeline.json", summary)
+        atomic_write_json(report_dir / "pipeline.json", _merged(summary, earlier))
         if r.status == "ok":
             echo(summary_line(head, r.seconds, rd.manifest(stage), started))
             continue
@@ -444,6 +445,26 @@ def _run_locked(cfg: RunConfig, preset: str, overrides: dict[str, Any], todo: li
                               report_dir / "pipeline.png")
         echo(f"puzzlelib: all done. Reports in {report_dir}")
     return result
+
+
+def _earlier_stages(path: Path, running: set[str]) -> list[dict]:
+    """The entries of an earlier ``pipeline.json`` for stages this call does not run: their executed
+    notebooks stay in the report folder, so the summary keeps listing them (``--stages 00`` on a
+    finished run must not make stages 01-06 vanish from it). Each is marked ``"earlier_run": true``;
+    an unreadable file keeps nothing."""
+    try:
+        old = json.loads(path.read_text())
+        stages = [dict(st, earlier_run=True) for st in old["stages"]
+                  if isinstance(st, dict) and st.get("stage") in STAGES and st["stage"] not in running]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return stages
+
+
+def _merged(summary: dict[str, Any], earlier: list[dict]) -> dict[str, Any]:
+    """``summary`` with the earlier run's entries of the stages not run now, in stage order."""
+    stages = sorted(earlier + summary["stages"], key=lambda st: STAGES.index(st["stage"]))
+    return {**summary, "stages": stages}
 
 
 def _execute(stage: str, nb_path: Path, report_dir: Path, params: dict, repo_root: Path,

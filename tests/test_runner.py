@@ -147,6 +147,21 @@ def test_two_notebook_pipeline(repo, capfd, monkeypatch):
     assert main(["status", "--run-name", "tiny", "--runs-root", str(repo / "runs")]) == 0
     status = capfd.readouterr().out
     assert "00_parent      fresh" in status and "02_bld         missing" in status
+    # Rerunning one stage keeps the other stage's entry (its executed notebook is still in the
+    # report folder), marked as from an earlier run, instead of rewriting the summary with one stage.
+    first = {s["stage"]: s for s in summary["stages"]}
+    assert main(["run", "--preset", "smoke", "--run-name", "tiny", "--set", "seq_len=32", "--stages", "00",
+                 "--repo-root", str(repo)]) == 0
+    capfd.readouterr()
+    again = json.loads((report / "pipeline.json").read_text())["stages"]
+    assert [(s["stage"], s["status"], s.get("earlier_run", False)) for s in again] == [
+        ("00_parent", "ok", False), ("01_profiling", "ok", True)]
+    assert again[1] == {**first["01_profiling"], "earlier_run": True}
+    (report / "pipeline.json").write_text("{not json")  # an unreadable summary is replaced, not fatal
+    assert main(["run", "--preset", "smoke", "--run-name", "tiny", "--set", "seq_len=32", "--stages", "00",
+                 "--repo-root", str(repo)]) == 0
+    capfd.readouterr()
+    assert [s["stage"] for s in json.loads((report / "pipeline.json").read_text())["stages"]] == ["00_parent"]
 
 
 def test_failing_notebook_stops_the_run(repo, capfd):
