@@ -115,8 +115,8 @@ class RunConfig:
     parent_grad_clip: float = _f(1.0, "00_parent")  # max global grad norm; 0 disables clipping
     # The *_autocast_bf16 fields take true, false or "auto": bf16 autocast only where the device
     # runs bf16 natively AND a few-second probe of the stage's own training step measures it
-    # faster (precision.py); without native bf16 (most laptop CPUs) an autocast step was 20-25x
-    # slower than fp32. The choice and the probe's timings go to the stage's manifest and to
+    # faster (precision.py); without native bf16 (most laptop CPUs) an autocast step was 5-25x
+    # slower than fp32 (more at larger widths). The choice and the probe's timings go to the stage's manifest and to
     # environment.json; the hash holds the setting, not the choice.
     parent_autocast_bf16: bool | str = _f("auto", "00_parent")  # bf16 autocast for training matmuls: true, false or "auto"
     parent_eval_every: int = _f(100, "00_parent")  # steps between held-out loss evaluations

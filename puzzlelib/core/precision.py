@@ -11,7 +11,8 @@ What it does:
   interleaved after a warm-up: 1-9 s for the default preset's stages on a busy 2-core machine.
 * ``choose`` turns a ``*_autocast_bf16`` setting into a decision with its reason:
   ``False`` -> fp32 (no probe); ``True`` -> bf16 (on a device without native bf16 the probe runs
-  and a ``RuntimeWarning`` gives the measured slowdown: 20-25x on a CPU without it);
+  and a ``RuntimeWarning`` gives the measured slowdown: 5-9x at the default preset's shapes and
+  18-25x at hidden 256 on a CPU without it);
   ``"auto"`` -> fp32 without native bf16 (no probe), else bf16 only when the probe measures a
   bf16 step at most ``BF16_MARGIN`` of the fp32 one.
 * ``decide`` is ``choose`` made stable per run: the decision is kept in ``runs/<run>/precision.json``
@@ -221,7 +222,8 @@ def choose(stage: str, field: str, setting: Any, device: torch.device | str,
         raise ValueError(f"{field} must be true, false or 'auto', got {setting!r}")
     if not native:
         return PrecisionChoice(bf16=False, reason=f"auto: {how}, so bf16 autocast would be "
-                               "emulated (measured 20-25x slower); no probe needed", **base)
+                               "emulated (measured 5-25x slower than fp32, more at larger widths: "
+                               "benchmarks/bench_cpu.py); no probe needed", **base)
     p = measure()
     fast = p["bf16_over_fp32"] <= BF16_MARGIN
     verdict = ("bf16 is faster" if fast else
