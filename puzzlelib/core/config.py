@@ -116,8 +116,8 @@ class RunConfig:
     # The *_autocast_bf16 fields take true, false or "auto": bf16 autocast only where the device
     # runs bf16 natively AND a few-second probe of the stage's own training step measures it
     # faster (precision.py); without native bf16 (most laptop CPUs) an autocast step was 5-25x
-    # slower than fp32 (more at larger widths). The choice and the probe's timings go to the stage's manifest and to
-    # environment.json; the hash holds the setting, not the choice.
+    # slower than fp32 (more at larger widths). The choice and the probe's timings go to the
+    # stage's manifest and to environment.json; the hash holds the setting, not the choice.
     parent_autocast_bf16: bool | str = _f("auto", "00_parent")  # bf16 autocast for training matmuls: true, false or "auto"
     parent_eval_every: int = _f(100, "00_parent")  # steps between held-out loss evaluations
     parent_eval_tokens: int = _f(65_536, "00_parent")  # held-out tokens per evaluation

@@ -403,7 +403,7 @@ def formulate(problem: Problem, rows: Sequence[Row], batch: int, objective: np.n
     the options are integral, so no child is gained or lost, but a solver may then *branch* on "this
     layer stays as an earlier child's" — the decision the diversity proof turns on. Measured
     (``benchmarks/bench_search.py``, 80 layers × 54, 10 diverse solutions, one thread): gurobipy
-    10.0 → 5.8–7.1 s, HiGHS 145 → 105 s, the same ten objectives."""
+    10.0 → 5.8–7.1 s, HiGHS 145 → 83–105 s, the same ten objectives."""
     if diversity not in ("pairs", "layers"):
         raise SearchError(f"unknown diversity formulation {diversity!r}: use 'pairs' or 'layers'")
     cols, L = problem.columns, problem.num_layers
