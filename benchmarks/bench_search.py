@@ -6,7 +6,9 @@ all earlier ones in >= 20 % of layers), at the stage's gap (1e-6), with the dive
 stage's formulation of ``mip.formulate`` (``pairs``: one binary "same" variable per distinct earlier
 (layer, pair), shared by the cuts, plus the bounds that a layer holds one pair) or, to compare,
 ``--diversity layers,pairs`` (``layers``: one per cut and layer, the first formulation) and,
-optionally, the batch-size cutoff off (``--cutoff on,off``).
+optionally, the batch-size cutoff off (``--cutoff on,off``). ``--reduce auto`` (the stage's): a model
+over gurobipy's pip licence (126 x 100) is solved by gurobipy on an exact reduction (reduced-cost
+fixing, ``search/fixing.py``); ``always`` reduces every model, ``never`` falls back to HiGHS.
 Prints each solution's objective for every run and whether they agree, how many solves were proven
 to the gap, and the timings. ``--instances large`` is 126 layers x (10 x 10) variants. Costs are
 in real units (bytes ~1e9, parameters ~1e9): every row reaches the solvers scaled (mip.formulate).
@@ -72,15 +74,15 @@ def synthetic(layers: int, attn: dict = ATTN, ffn: dict = FFN, seed: int = 0) ->
 
 
 def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit: float, gap: float,
-        threads: int) -> dict:
+        threads: int, reduce: str = "auto") -> dict:
     """One best child and k diverse solutions with one solver; timings and objectives."""
     s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, threads=threads, cross_check=False)
-    s.use_cutoff, s.diversity = cutoff, diversity
+    s.use_cutoff, s.diversity, s.reduce = cutoff, diversity, reduce
     t = time.perf_counter()
     best = s.best()
     t_best = time.perf_counter() - t
     s = Searcher(p, budget, solver=solver, gap=gap, time_limit=time_limit, threads=threads, cross_check=False)
-    s.use_cutoff, s.diversity = cutoff, diversity
+    s.use_cutoff, s.diversity, s.reduce = cutoff, diversity, reduce
     t = time.perf_counter()
     sols, _ = s.diverse(k, 0.2, progress=False)
     return {"best": t_best, "best_score": best.predicted["score"], "diverse": time.perf_counter() - t,
@@ -88,6 +90,7 @@ def run(p, budget, solver: str, k: int, cutoff: bool, diversity: str, time_limit
             "slowest": max(sum(e["seconds"] for e in s.log if e["purpose"] == f"solution {n}")
                            for n in range(1, len(sols) + 1)),
             "solvers": sorted({x["solver"].split()[0] for x in s.log}),
+            "reduced": [x["reduced"] for x in s.log if x["reduced"] and x["reduced"]["models"]],
             "largest": (max(x["variables"] for x in s.log), max(x["constraints"] for x in s.log))}
 
 
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--solvers", default="gurobi,highs")
     ap.add_argument("--diversity", default="pairs", help="formulations of the diversity cuts to compare: pairs, layers")
     ap.add_argument("--cutoff", default="on", help="on, off or on,off: the batch-size cutoff")
+    ap.add_argument("--reduce", default="auto", help="exact reduction by reduced-cost fixing: auto (when gurobipy's "
+                    "licence refuses the model), always, never; several: auto,never")
     ap.add_argument("--threads", default="auto",
                     help="solver threads: 'auto' resolves as stage 04 does from the config's threads='auto' "
                          "(1 on a 2-core machine), 0 = the solver's own default, or a count")
@@ -126,18 +131,21 @@ def main() -> None:
         out = {}
         for solver in args.solvers.split(","):
             for cutoff in [c == "on" for c in args.cutoff.split(",")]:
-                for div in args.diversity.split(","):
-                    tag = f"{solver}/{div}/cutoff {'on' if cutoff else 'off'}"
+                for div, red in ((d, r) for d in args.diversity.split(",") for r in args.reduce.split(",")):
+                    tag = f"{solver}/{div}/cutoff {'on' if cutoff else 'off'}/reduce {red}"
                     try:
                         r = out[tag] = run(p, budget, solver, args.solutions, cutoff, div, args.time_limit,
-                                           args.gap, threads)
+                                           args.gap, threads, red)
                     except Exception as e:  # noqa: BLE001 — report (licence refusal) and go on
-                        print(f"{tag:26s}: failed: {str(e)[:160]}")
+                        print(f"{tag:38s}: failed: {str(e)[:160]}")
                         continue
-                    print(f"{tag:26s}: best {r['best']:6.2f} s; {len(r['scores'])} diverse {r['diverse']:7.2f} s "
+                    kept = (f"; {len(r['reduced'])} solves on a reduction, option columns kept "
+                            f"{min(x['kept'] for x in r['reduced'])}-{max(x['kept'] for x in r['reduced'])} of "
+                            f"{r['reduced'][0]['option_columns']}" if r["reduced"] else "")
+                    print(f"{tag:38s}: best {r['best']:6.2f} s; {len(r['scores'])} diverse {r['diverse']:7.2f} s "
                           f"(slowest solution {r['slowest']:.2f} s), {r['proven']} proven to the gap; used "
-                          f"{r['solvers']}; largest model {r['largest'][0]} variables x {r['largest'][1]} constraints",
-                          flush=True)
+                          f"{r['solvers']}; largest model {r['largest'][0]} variables x {r['largest'][1]} constraints"
+                          f"{kept}", flush=True)
         runs = list(out.items())
         for i, (ta, ra) in enumerate(runs):
             for tb, rb in runs[i + 1:]:

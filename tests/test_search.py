@@ -137,16 +137,20 @@ def test_both_solvers_same_optimum_on_default_size_problem():
 
 
 def test_gurobi_licence_limit_falls_back_to_highs_with_the_reason():
+    # without the exact reduction (tests/test_fixing.py has the default path, which keeps gurobipy)
     gp = pytest.importorskip("gurobipy")
     p = make_problem(L=80, n_attn=6, n_ffn=22, pairs=0, seed=1)  # 2240 binaries > 2000
     s = Searcher(p, Budget(speedup=1.5), solver="auto", gap=1e-6)
+    s.reduce = "never"
     spec = s.best()
     if spec.solver["solver"].startswith("gurobi"):
         pytest.skip(f"this gurobipy licence ({gp.gurobi.version()}) admits 2240 variables")
     assert spec.solver["solver"].startswith("highs")
     assert "10010" in spec.solver["fallback_reason"] and "2240 variables" in spec.solver["fallback_reason"]
+    forced = Searcher(p, Budget(speedup=1.5), solver="gurobi")
+    forced.reduce = "never"
     with pytest.raises(mip.SearchError, match="search_solver='auto'"):
-        Searcher(p, Budget(speedup=1.5), solver="gurobi").best()
+        forced.best()
 
 
 def test_time_limit_without_a_solution_is_not_called_infeasible(monkeypatch):

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 
 from ..core.config import RunConfig
 from ..core.validation import Range, parse_ranges
+from . import fixing
 
 # Scores where larger means closer to the parent; everything else (kl, lm_loss, ...) is minimised.
 # Only the default of build_problem's ``bigger_is_better`` (config: search_bigger_is_better="auto").
@@ -502,6 +503,8 @@ class Solved:
     seconds: float
     gap: float | None = None
     fallback_reason: str | None = None
+    reduced: dict | None = None   # solved on an exact reduction (_reduced): what was kept and why it is exact
+    model: tuple | None = None    # (reduced MIP, its columns in the full model): the cross-check solves it too
 
 
 _GUROBI_ENV: list = []  # one licence check per process, not one per solve
@@ -601,10 +604,85 @@ def _highs(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float 
                   time.perf_counter() - t0, info.mip_gap if ok else None)
 
 
+KEEP_PER_SLOT = 2  # option columns per one-hot slot in the first reduced model, by smallest reduced cost
+
+
+def _sub(mip: MIP, keep: np.ndarray) -> tuple[MIP, np.ndarray]:
+    """The MIP over the columns in ``keep`` (the others fixed at 0), and their indices."""
+    idx = np.flatnonzero(keep)
+    return MIP(mip.c[idx], mip.A[:, idx].tocsr(), mip.lo, mip.hi, mip.ub[idx], mip.integer[idx],
+               int(keep[:mip.n_choice].sum()), mip.const, mip.obj_scale, mip.row_scale, mip.n_cuts), idx
+
+
+def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) -> Solved:
+    """Solve ``mip`` exactly on fewer columns (reduced-cost fixing, ``fixing.py``): ``run(model,
+    time_limit, cutoff) -> Solved`` is one solver. First the ``KEEP_PER_SLOT`` × slots option columns
+    with the smallest reduced costs; then every option column whose bound ``LB + d_j`` does not exceed
+    the child found (or the cutoff) must have been in that model — if one was not, a second model
+    with it added, cut off at the child's value, settles it. Raises ``_Refused`` when a model is still
+    too big for the solver's licence. Measured (``benchmarks/bench_search.py``, 126 layers × 100
+    variants, 10 diverse solutions, gurobipy, one thread): 26–93 s over three seeds, all proven, where
+    HiGHS on the whole model took 354 s and proved 5; at 80 × 54, where gurobipy takes the whole
+    model, the reduced one was no faster (and once 25× slower on one solve), so only a licence
+    refusal (or ``reduce="always"``) takes this path."""
+    t0 = time.perf_counter()
+    n = mip.n_choice  # ``name``: the solver's, for a status the LP bound alone settles
+    info: dict = {"option_columns": n, "kept": n, "models": 0, "bound": None}
+
+    def done(res: Solved | None, status: str, x=None, model=None) -> Solved:
+        return Solved(status, x, mip.value(x) if x is not None else None, res.solver if res else f"{name} (LP bound)",
+                      time.perf_counter() - t0, res.gap if res is not None and x is not None else None,
+                      reduced=info, model=model)
+
+    def full(res: Solved, idx: np.ndarray) -> np.ndarray | None:
+        if res.x is None:
+            return None
+        x = np.zeros(len(mip.c))
+        x[idx] = res.x
+        return x
+
+    y = fixing.lp_duals(mip.c, mip.A, mip.lo, mip.hi, mip.ub)
+    if y is None:  # the LP relaxation is infeasible, so is every child
+        return done(None, "infeasible")
+    bound, d = fixing.lagrangian_bound(mip.c, mip.A, mip.lo, mip.hi, mip.ub, y)
+    info["bound"] = bound / mip.obj_scale + mip.const
+    cut = mip.scaled(cutoff) if cutoff is not None else math.inf
+    if fixing.exceeds(bound, cut):
+        return done(None, "cutoff")  # no child can beat the cutoff: the bound says so
+    slots = int(((mip.lo == 1.0) & (mip.hi == 1.0)).sum())
+    first = min(n, max(1, KEEP_PER_SLOT * slots))
+    keep = np.ones(len(mip.c), bool)
+    keep[:n] = d[:n] <= np.sort(d[:n])[first - 1]  # ties at the threshold kept too
+    model, idx = _sub(mip, keep)
+    info["kept"], info["models"] = int(keep[:n].sum()), 1
+    res = run(model, time_limit, cutoff)
+    x1 = full(res, idx)
+    v1 = float(mip.c @ x1) if x1 is not None else math.inf
+    upper = min(cut, v1)
+    missing = ~keep[:n] & (fixing.needed(bound, d[:n], upper) if math.isfinite(upper) else True)
+    if not missing.any():  # every column a better child could use was in the model: its answer is exact
+        return done(res, res.status, x1, (model, idx))
+    keep[:n] |= missing
+    model, idx = _sub(mip, keep)
+    info["kept"], info["models"] = int(keep[:n].sum()), 2
+    left = max(1.0, time_limit - (time.perf_counter() - t0))
+    res2 = run(model, left, upper / mip.obj_scale + mip.const if math.isfinite(upper) else None)
+    if res2.x is not None:
+        return done(res2, res2.status, full(res2, idx), (model, idx))
+    if x1 is not None and not fixing.exceeds(v1, cut):  # the larger model found nothing better than x1
+        return done(res2, "optimal" if res2.status in ("cutoff", "infeasible") else res2.status, x1, (model, idx))
+    return done(res2, res2.status, None, (model, idx))
+
+
 def solve(mip: MIP, solver: str = "auto", time_limit: float = 60.0, gap: float = DEFAULT_GAP, threads: int = 0,
-          cutoff: float | None = None) -> Solved:
+          cutoff: float | None = None, reduce: str = "auto") -> Solved:
     """Solve with gurobipy (``auto``: when installed and its licence admits the model) or HiGHS.
-    ``cutoff``: only children with an objective below it are of interest (status ``cutoff``: none)."""
+    ``cutoff``: only children with an objective below it are of interest (status ``cutoff``: none).
+    ``reduce``: ``auto`` — when gurobipy's licence refuses the model for its size, solve an exact
+    reduction of it with gurobipy (:func:`_reduced`) before falling back to HiGHS; ``always`` — the
+    reduction with whichever solver runs; ``never``."""
+    if reduce not in ("auto", "always", "never"):
+        raise SearchError(f"unknown reduce={reduce!r}: use 'auto', 'always' or 'never'")
     reason = None
     if solver in ("auto", "gurobi"):
         try:
@@ -612,10 +690,21 @@ def solve(mip: MIP, solver: str = "auto", time_limit: float = 60.0, gap: float =
         except ImportError:
             reason = "gurobipy is not installed"
         else:
+            def grb(m, tl, co):
+                return _gurobi(m, tl, gap, threads, co)
+
             try:
-                return _gurobi(mip, time_limit, gap, threads, cutoff)
+                return (_reduced(mip, grb, time_limit, cutoff, "gurobi") if reduce == "always"
+                        else grb(mip, time_limit, cutoff))
             except _Refused as e:
                 reason = str(e)
+                if reduce == "auto":
+                    try:
+                        out = _reduced(mip, grb, time_limit, cutoff, "gurobi")
+                        out.reduced["why"] = reason
+                        return out
+                    except _Refused as e2:
+                        reason += f"; an exact reduction (reduced-cost fixing) was refused too: {e2}"
             except gp.GurobiError as e:  # no licence, ...
                 reason = (f"gurobipy refused the model ({len(mip.c)} variables, {len(mip.lo)} "
                           f"constraints): GurobiError {e.errno}: {e}")
@@ -624,7 +713,11 @@ def solve(mip: MIP, solver: str = "auto", time_limit: float = 60.0, gap: float =
                               "back to HiGHS automatically")
     elif solver != "highs":
         raise SearchError(f"unknown solver {solver!r}: use 'auto', 'gurobi' or 'highs'")
-    out = _highs(mip, time_limit, gap, threads, cutoff)
+
+    def hgs(m, tl, co):
+        return _highs(m, tl, gap, threads, co)
+
+    out = _reduced(mip, hgs, time_limit, cutoff, "highs") if reduce == "always" else hgs(mip, time_limit, cutoff)
     out.fallback_reason = reason
     return out
 
@@ -696,10 +789,20 @@ def _other_solver(name: str) -> str:
     return "highs" if name.startswith("gurobi") else "gurobi"
 
 
-def _attempt(problem, mip, rows, batch, objective, cuts, min_differ, solver, time_limit, gap, threads, cutoff):
-    """(Solved, child, float64 objective, violations) for one solver; child None when it found none."""
+def _attempt(problem, mip, rows, batch, objective, cuts, min_differ, solver, time_limit, gap, threads, cutoff,
+             reduce="auto", within=None):
+    """(Solved, child, float64 objective, violations) for one solver; child None when it found none.
+    ``within``: (reduced MIP, its columns) — solve that model instead (``reduce`` ignored); its point
+    is put back into ``mip``'s columns."""
     try:
-        res = solve(mip, solver, time_limit, gap, threads, cutoff)
+        if within is None:
+            res = solve(mip, solver, time_limit, gap, threads, cutoff, reduce)
+        else:
+            res = solve(within[0], solver, time_limit, gap, threads, cutoff, "never")
+            if res.x is not None:
+                x = np.zeros(len(mip.c))
+                x[within[1]] = res.x
+                res.x = x
     except SearchError as e:
         return None, None, None, [str(e)]
     if res.x is None:
@@ -729,7 +832,8 @@ def _available(solver: str, mip: MIP) -> str | None:
 def solve_checked(problem: Problem, rows: Sequence[Row], batch: int, objective: np.ndarray | None = None,
                   cuts: Sequence[Sequence] = (), min_differ: int = 0, solver: str = "auto",
                   time_limit: float = 60.0, gap: float = DEFAULT_GAP, threads: int = 0,
-                  cutoff: float | None = None, cross_check: bool = True, diversity: str = "pairs") -> Checked:
+                  cutoff: float | None = None, cross_check: bool = True, diversity: str = "pairs",
+                  reduce: str = "auto") -> Checked:
     """Formulate, solve, re-check the child in float64 and (``cross_check``) solve again with the
     other solver; return the verified child. An answer that breaks a constraint or that the other
     solver beats by more than the gap (``gap × |objective|`` + the absolute gap) is replaced by the
@@ -737,18 +841,22 @@ def solve_checked(problem: Problem, rows: Sequence[Row], batch: int, objective: 
     neither solver yields a verified child but one claimed to. ``diversity``: the cuts'
     formulation (:func:`formulate`); ``pairs`` is the faster for both solvers since its ``same``
     columns are binary (``benchmarks/bench_search.py``, 80 layers × 54, one solve with 7 cuts:
-    gurobipy 0.8–1.0 s against 2.0 s, HiGHS 12 s against 44 s); both have the same integer solutions."""
+    gurobipy 0.8–1.0 s against 2.0 s, HiGHS 12 s against 44 s); both have the same integer solutions.
+    ``reduce``: :func:`solve`'s; when the answer came from an exact reduction, the other solver
+    cross-checks that reduced model (the reduction's own proof is float64 arithmetic, ``fixing.py``)."""
     mip = formulate(problem, rows, batch, objective, cuts, min_differ, diversity)
     args = (problem, mip, rows, batch, objective, cuts, min_differ)
-    r1, c1, v1, bad1 = _attempt(*args, solver, time_limit, gap, threads, cutoff)
+    r1, c1, v1, bad1 = _attempt(*args, solver, time_limit, gap, threads, cutoff, reduce)
     if r1 is None:  # the requested solver cannot run at all (search_solver='gurobi' without it)
         raise SearchError(bad1[0])
     check: dict = {"reevaluated": "float64 from the option tables", "objective": v1,
                    "solver_objective": r1.objective, "violations": bad1}
+    if r1.reduced:
+        check["reduced"] = r1.reduced
     other = _other_solver(r1.solver)
-    why_not = _available(other, mip)
+    why_not = _available(other, r1.model[0] if r1.model else mip)
     if (cross_check or bad1) and why_not is None:
-        r2, c2, v2, bad2 = _attempt(*args, other, time_limit, gap, threads, cutoff)
+        r2, c2, v2, bad2 = _attempt(*args, other, time_limit, gap, threads, cutoff, reduce, r1.model)
         if r2 is None or (r2.fallback_reason and not r2.solver.startswith(other)):
             why_not = bad2[0] if r2 is None else r2.fallback_reason
     if (cross_check or bad1) and why_not is not None:

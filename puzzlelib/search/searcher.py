@@ -130,17 +130,19 @@ class Searcher:
         self._last_batch: int | None = None  # the batch that won the last search: solved first next time
         self.use_cutoff = True  # False: solve every batch size to the end (benchmarks/bench_search.py compares)
         self.diversity = "pairs"  # the diversity cuts' formulation: pairs | layers (mip.formulate)
+        self.reduce = "auto"  # exact reduction when gurobipy's licence refuses a model: auto | always | never
 
     def _solve(self, batch: int, rows, purpose: str, objective=None, cuts=(), min_differ=0, cutoff=None):
         """One checked solve (``mip.solve_checked``), logged."""
         res = solve_checked(self.problem, rows, batch, objective, cuts, min_differ, self.solver, self.time_limit,
-                            self.gap, self.threads, cutoff, self.cross_check, self.diversity)
+                            self.gap, self.threads, cutoff, self.cross_check, self.diversity, self.reduce)
         s = res.solved
         cross = res.check.get("cross_check", {})
         self.log.append({"purpose": purpose, "batch": batch, "solver": s.solver, "status": s.status,
                          "seconds": s.seconds, "objective": res.objective, "gap": s.gap,
                          "variables": res.mip_size[0], "constraints": res.mip_size[1],
                          "fallback_reason": s.fallback_reason, "cross_check_agrees": cross.get("agrees"),
+                         "reduced": s.reduced,
                          "cross_check_seconds": cross.get("seconds", 0.0), "note": res.check.get("note")})
         return res
 
@@ -193,7 +195,8 @@ class Searcher:
         proven = all(p["proven"] for p in per_batch)
         spec.solver = {"solver": res.solved.solver, "status": res.solved.status, "gap": res.solved.gap,
                        "seconds": round(sum(p["seconds"] for p in per_batch), 4),
-                       "fallback_reason": res.solved.fallback_reason, "proven": proven, "per_batch": per_batch}
+                       "fallback_reason": res.solved.fallback_reason, "reduced": res.solved.reduced,
+                       "proven": proven, "per_batch": per_batch}
         if not proven:
             spec.notes.append(f"not proven optimal to the gap {self.gap:g}: batch sizes "
                               f"{[p['batch'] for p in per_batch if not p['proven']]} stopped at "

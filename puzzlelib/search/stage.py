@@ -216,7 +216,9 @@ def run(cfg: RunConfig, progress: bool = True) -> SearchResult:
                 "reference": {"batch": s.ref_batch, "tokens_per_s": s.ref_tps},
                 "batch_sizes": s.batches, "parent": [list(p) for p in s.problem.parent],
                 "solver": {"requested": cfg.search_solver, "used": sorted({x["solver"] for x in s.log}),
-                           "fallback_reasons": sorted({x["fallback_reason"] for x in s.log if x["fallback_reason"]})},
+                           "fallback_reasons": sorted({x["fallback_reason"] for x in s.log if x["fallback_reason"]}),
+                           # solves of a model over gurobipy's licence on its exact reduction (mip._reduced)
+                           "reduced_solves": sum(1 for x in s.log if x["reduced"] and x["reduced"].get("why"))},
                 "problem": {"layers": s.problem.num_layers, "options": len(s.problem.columns),
                             "options_per_layer": [{k: [o.name for o in v] for k, v in lay.items()}
                                                   for lay in s.problem.layers]},
