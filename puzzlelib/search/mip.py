@@ -615,19 +615,21 @@ def _sub(mip: MIP, keep: np.ndarray) -> tuple[MIP, np.ndarray]:
 
 
 def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) -> Solved:
-    """Solve ``mip`` exactly on fewer columns (reduced-cost fixing, ``fixing.py``): ``run(model,
+    """Solve ``mip`` exactly on fewer columns (reduced-cost fixing, ``fixing.py``); ``run(model,
     time_limit, cutoff) -> Solved`` is one solver. First the ``KEEP_PER_SLOT`` × slots option columns
-    with the smallest reduced costs; then every option column whose bound ``LB + d_j`` does not exceed
-    the child found (or the cutoff) must have been in that model — if one was not, a second model
-    with it added, cut off at the child's value, settles it. Raises ``_Refused`` when a model is still
-    too big for the solver's licence. Measured (``benchmarks/bench_search.py``, 126 layers × 100
-    variants, 10 diverse solutions, gurobipy, one thread): 26–93 s over three seeds, all proven, where
-    HiGHS on the whole model took 354 s and proved 5; at 80 × 54, where gurobipy takes the whole
-    model, the reduced one was no faster (and once 25× slower on one solve), so only a licence
-    refusal (or ``reduce="always"``) takes this path."""
+    with the smallest reduced costs (doubled while that model has no child at all); then every option
+    column whose bound ``LB + d_j`` does not exceed the child found (or the cutoff) must have been in
+    that model — if one was not, a larger model with it added, cut off at the child's value, settles
+    it. Raises ``_Refused`` when a model is still too big for the solver's licence.
+
+    Measured (``benchmarks/bench_search.py``, 126 layers × 100 variants, 10 diverse solutions, one
+    thread): gurobipy on the reduction 32 s, all proven, where HiGHS on the whole model took 354 s and
+    proved 5. HiGHS gains nothing from it (single solves 19–185 s), and at 80 × 54, where gurobipy
+    takes the whole model, the reduction was slower (one solve 25×), so only a licence refusal (or
+    ``reduce="always"``) takes this path."""
     t0 = time.perf_counter()
     n = mip.n_choice  # ``name``: the solver's, for a status the LP bound alone settles
-    info: dict = {"option_columns": n, "kept": n, "models": 0, "bound": None}
+    info: dict = {"option_columns": n, "kept": n, "models": 0, "bound": None}  # models: how many were solved
 
     def done(res: Solved | None, status: str, x=None, model=None) -> Solved:
         return Solved(status, x, mip.value(x) if x is not None else None, res.solver if res else f"{name} (LP bound)",
@@ -650,23 +652,38 @@ def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) 
     if fixing.exceeds(bound, cut):
         return done(None, "cutoff")  # no child can beat the cutoff: the bound says so
     slots = int(((mip.lo == 1.0) & (mip.hi == 1.0)).sum())
-    first = min(n, max(1, KEEP_PER_SLOT * slots))
+    size = min(n, max(1, int(KEEP_PER_SLOT * slots)))
+    order = np.sort(d[:n])
     keep = np.ones(len(mip.c), bool)
-    keep[:n] = d[:n] <= np.sort(d[:n])[first - 1]  # ties at the threshold kept too
-    model, idx = _sub(mip, keep)
-    info["kept"], info["models"] = int(keep[:n].sum()), 1
-    res = run(model, time_limit, cutoff)
+
+    def left() -> float:
+        return max(1.0, time_limit - (time.perf_counter() - t0))
+
+    def attempt(cut_at: float | None) -> tuple[Solved, MIP, np.ndarray]:
+        model, idx = _sub(mip, keep)
+        info["kept"], info["models"] = int(keep[:n].sum()), info["models"] + 1
+        try:
+            return run(model, left(), cut_at), model, idx
+        except _Refused as e:
+            raise _Refused(f"its exact reduction still has {len(model.c)} variables ({info['kept']} of {n} option "
+                           f"columns)") from e
+
+    while True:  # the cheapest columns by reduced cost, doubled until a model holds a child (or says cutoff)
+        keep[:n] = d[:n] <= order[size - 1]  # ties at the threshold kept too
+        res, model, idx = attempt(cutoff)
+        if res.x is not None or res.status != "infeasible" or keep[:n].all():
+            break
+        size = min(n, 2 * size)
     x1 = full(res, idx)
+    if x1 is None and res.status not in ("cutoff", "infeasible"):
+        return done(res, res.status, None, (model, idx))  # stopped at the time limit with no child
     v1 = float(mip.c @ x1) if x1 is not None else math.inf
     upper = min(cut, v1)
     missing = ~keep[:n] & (fixing.needed(bound, d[:n], upper) if math.isfinite(upper) else True)
     if not missing.any():  # every column a better child could use was in the model: its answer is exact
         return done(res, res.status, x1, (model, idx))
     keep[:n] |= missing
-    model, idx = _sub(mip, keep)
-    info["kept"], info["models"] = int(keep[:n].sum()), 2
-    left = max(1.0, time_limit - (time.perf_counter() - t0))
-    res2 = run(model, left, upper / mip.obj_scale + mip.const if math.isfinite(upper) else None)
+    res2, model, idx = attempt(upper / mip.obj_scale + mip.const if math.isfinite(upper) else None)
     if res2.x is not None:
         return done(res2, res2.status, full(res2, idx), (model, idx))
     if x1 is not None and not fixing.exceeds(v1, cut):  # the larger model found nothing better than x1
