@@ -623,10 +623,10 @@ def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) 
     it. Raises ``_Refused`` when a model is still too big for the solver's licence.
 
     Measured (``benchmarks/bench_search.py``, 126 layers × 100 variants, 10 diverse solutions, one
-    thread): gurobipy on the reduction 32 s, all proven, where HiGHS on the whole model took 354 s and
-    proved 5. HiGHS gains nothing from it (single solves 19–185 s), and at 80 × 54, where gurobipy
-    takes the whole model, the reduction was slower (one solve 25×), so only a licence refusal (or
-    ``reduce="always"``) takes this path."""
+    thread): gurobipy on the reduction 26–90 s over three seeds (32–38 s on the bench's), all proven,
+    where HiGHS on the whole model took 354 s and proved 5. HiGHS gains nothing from it (single
+    solves 19–185 s), and at 80 × 54, where gurobipy takes the whole model, the reduction was slower
+    (one solve 25×), so only a licence refusal (or ``reduce="always"``) takes this path."""
     t0 = time.perf_counter()
     n = mip.n_choice  # ``name``: the solver's, for a status the LP bound alone settles
     info: dict = {"option_columns": n, "kept": n, "models": 0, "bound": None}  # models: how many were solved
