@@ -623,8 +623,9 @@ def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) 
     it. Raises ``_Refused`` when a model is still too big for the solver's licence.
 
     Measured (``benchmarks/bench_search.py``, 126 layers × 100 variants, 10 diverse solutions, one
-    thread): gurobipy on the reduction 26–90 s over three seeds (32–38 s on the bench's), all proven,
-    where HiGHS on the whole model took 354 s and proved 5. HiGHS gains nothing from it (single
+    thread): gurobipy on the reduction 26–90 s over three seeds (30–38 s on the bench's), all proven,
+    where HiGHS on the whole model took 354 s and proved 5 (60 s per solve; 758 s and all 10 at 300 s,
+    the same 10 objectives). HiGHS gains nothing from it (single
     solves 19–185 s), and at 80 × 54, where gurobipy takes the whole model, the reduction was slower
     (one solve 25×), so only a licence refusal (or ``reduce="always"``) takes this path."""
     t0 = time.perf_counter()
