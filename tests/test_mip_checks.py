@@ -216,6 +216,26 @@ def test_a_solver_answer_beaten_by_the_other_is_refused_and_recorded(monkeypatch
     assert out.objective == pytest.approx(best, rel=1e-12)
 
 
+@pytest.mark.parametrize("solver", _solvers())
+def test_a_cutoff_below_the_optimum_is_reported_as_cutoff_by_each_solver(solver):
+    # HiGHS 1.15 answered "optimal" with a point far above its objective bound (even above the true
+    # optimum), and gurobipy's presolve may say "infeasible": both mean "no child below the cutoff",
+    # and the cross-check must then agree instead of "refusing" the other solver's empty answer
+    p = llama70b_like(L=6, seed=5)
+    rows = mip.constraint_rows(p, Budget(speedup=1.3), 64, p.evaluate(p.parent, 64)["tokens_per_s"])
+    best = mip.solve_checked(p, rows, 64, solver=solver, gap=0.0, cross_check=False)
+    assert best.solved.status == "optimal"
+    for cut in (best.objective * 0.5, best.objective - 1e-6):
+        res = mip.solve(mip.formulate(p, rows, 64), solver, gap=0.0, cutoff=cut)
+        assert res.status == "cutoff" and res.x is None, (cut, res.status, res.objective)
+        checked = mip.solve_checked(p, rows, 64, solver=solver, gap=0.0, cutoff=cut)
+        assert checked.child is None and "note" not in checked.check
+        if "skipped" not in checked.check["cross_check"]:
+            assert checked.check["cross_check"]["agrees"] is True
+    above = mip.solve(mip.formulate(p, rows, 64), solver, gap=0.0, cutoff=best.objective + 1e-6)
+    assert above.objective == pytest.approx(best.objective, rel=1e-12)
+
+
 def test_a_child_that_breaks_a_constraint_is_refused(monkeypatch):
     p = _small()
     budget = Budget(max_params=0.8 * p.total(p.parent, "params", 1))

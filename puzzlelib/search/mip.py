@@ -559,6 +559,8 @@ def _gurobi(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float
         st = {gp.GRB.OPTIMAL: "optimal", gp.GRB.TIME_LIMIT: "time_limit", gp.GRB.CUTOFF: "cutoff",
               gp.GRB.INFEASIBLE: "infeasible", gp.GRB.INF_OR_UNBD: "infeasible"}.get(m.Status, f"status {m.Status}")
         ok = m.SolCount > 0
+        if cutoff is not None and st == "infeasible" and not ok:
+            st = "cutoff"  # presolve may call a model infeasible when the cutoff alone makes it so
         xv = np.array(x.X) if ok else None
         return Solved(st, xv, mip.value(xv) if ok else None,
                       f"gurobi {'.'.join(map(str, gp.gurobi.version()))}", time.perf_counter() - t0,
@@ -597,9 +599,14 @@ def _highs(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float 
           S.kObjectiveBound: "cutoff"}.get(ms, h.modelStatusToString(ms))
     info = h.getInfo()
     ok = info.primal_solution_status == 2  # a feasible point exists (also after a time limit)
+    x = np.array(h.getSolution().col_value) if ok else None
+    if cutoff is not None and ok and mip.value(x) >= cutoff:
+        # HiGHS (1.15) can report "optimal" with a point *above* objective_bound when none is below
+        # it (even a point worse than the true optimum): when it finished, that means no child below
+        # the cutoff; after a time limit, only that none was found.
+        st, ok, x = "cutoff" if st == "optimal" else st, False, None
     if cutoff is not None and st == "infeasible" and not ok:
         st = "cutoff"  # infeasible *below the cutoff*: no child better than the incumbent here
-    x = np.array(h.getSolution().col_value) if ok else None
     return Solved(st, x, mip.value(x) if ok else None, f"highs {h.version()}",
                   time.perf_counter() - t0, info.mip_gap if ok else None)
 
