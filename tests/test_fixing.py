@@ -1,8 +1,9 @@
 """Reduced-cost fixing (``search/fixing.py``, ``mip._reduced``): the Lagrangian bound holds for every
 child of small instances whatever the multipliers (brute force over all children as the oracle),
 the reduced solve equals brute force with both solvers — through one model and through the second
-one that a fixed-but-needed column forces — with cutoffs and infeasible budgets, and a model over
-gurobipy's pip licence is solved by gurobipy on its exact reduction."""
+one that a fixed-but-needed column forces — with cutoffs and infeasible budgets, a first model with
+no child is doubled step by step, and a model over gurobipy's pip licence is solved by gurobipy on
+its exact reduction."""
 
 from __future__ import annotations
 
@@ -145,3 +146,26 @@ def test_a_model_over_the_pip_licence_is_solved_by_gurobipy_on_its_exact_reducti
     s_highs.reduce = "never"
     full = s_highs.best()
     assert spec.predicted["score"] == pytest.approx(full.predicted["score"], rel=2e-6)
+
+
+def test_the_first_model_doubles_while_it_holds_no_child(monkeypatch):
+    # a solver that finds nothing until it sees at least 60 % of the option columns: the reduction must
+    # double the model (not give up on it) and still return the true optimum
+    monkeypatch.setattr(mip, "KEEP_PER_SLOT", 1)
+    p, s, _, cuts = _instance(2)
+    b = s.batches[-1]
+    rows = mip.constraint_rows(p, s.budget, b, s.ref_tps)
+    m = mip.formulate(p, rows, b, None, cuts, 2)
+    seen = []
+
+    def picky(model, time_limit, cutoff):
+        seen.append(model.n_choice)
+        if model.n_choice < 0.6 * m.n_choice:
+            return mip.Solved("infeasible", None, None, "picky", 0.0)
+        return mip._highs(model, time_limit, 0.0, 1, cutoff)
+
+    res = mip._reduced(m, picky, 60.0, None, "picky")
+    # doubled step by step (6, 12, 21 of 21 here), not straight to the whole model after one failure
+    assert all(a < b for a, b in zip(seen, seen[1:])) and seen[1] < m.n_choice and len(seen) >= 3, seen
+    assert res.reduced["models"] == len(seen) >= 2
+    assert res.objective == pytest.approx(brute_force(p, {b: rows}, cuts, 2), rel=1e-12)
