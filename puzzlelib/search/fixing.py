@@ -21,14 +21,10 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def lp_duals(c: np.ndarray, A: sp.csr_matrix, lo: np.ndarray, hi: np.ndarray, ub: np.ndarray
-             ) -> np.ndarray | None:
-    """Row multipliers of the LP relaxation (HiGHS's dual simplex), or None when the LP is
-    infeasible (then so is every child)."""
+def highs_lp(c: np.ndarray, A: sp.csr_matrix, lo: np.ndarray, hi: np.ndarray, ub: np.ndarray):
+    """The rows and columns as a ``highspy.HighsLp`` (continuous; ``mip._highs`` adds integrality)."""
     import highspy
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
     inf = highspy.kHighsInf
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = len(c), len(lo)
@@ -38,7 +34,18 @@ def lp_duals(c: np.ndarray, A: sp.csr_matrix, lo: np.ndarray, hi: np.ndarray, ub
     csc = A.tocsc()
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = csc.indptr, csc.indices, csc.data
-    h.passModel(lp)
+    return lp
+
+
+def lp_duals(c: np.ndarray, A: sp.csr_matrix, lo: np.ndarray, hi: np.ndarray, ub: np.ndarray
+             ) -> np.ndarray | None:
+    """Row multipliers of the LP relaxation (HiGHS's dual simplex), or None when the LP is
+    infeasible (then so is every child)."""
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.passModel(highs_lp(c, A, lo, hi, ub))
     h.run()
     if h.getModelStatus() == highspy.HighsModelStatus.kInfeasible:
         return None

@@ -579,15 +579,7 @@ def _highs(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float 
         h.setOptionValue("threads", int(threads))
     if cutoff is not None:
         h.setOptionValue("objective_bound", float(mip.scaled(cutoff)))
-    inf = highspy.kHighsInf
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = len(mip.c), len(mip.lo)
-    lp.col_cost_, lp.col_lower_, lp.col_upper_ = mip.c, np.zeros(len(mip.c)), mip.ub
-    lp.row_lower_ = np.where(np.isfinite(mip.lo), mip.lo, -inf)
-    lp.row_upper_ = np.where(np.isfinite(mip.hi), mip.hi, inf)
-    A = mip.A.tocsc()
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+    lp = fixing.highs_lp(mip.c, mip.A, mip.lo, mip.hi, mip.ub)
     lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
                        for i in mip.integer]
     t0 = time.perf_counter()
@@ -612,6 +604,13 @@ def _highs(mip: MIP, time_limit: float, gap: float, threads: int, cutoff: float 
 
 
 KEEP_PER_SLOT = 2  # option columns per one-hot slot in the first reduced model, by smallest reduced cost
+
+
+def _expand(x: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """A reduced model's point in the full model's ``n`` columns (the left-out ones at 0)."""
+    out = np.zeros(n)
+    out[idx] = x
+    return out
 
 
 def _sub(mip: MIP, keep: np.ndarray) -> tuple[MIP, np.ndarray]:
@@ -645,11 +644,7 @@ def _reduced(mip: MIP, run, time_limit: float, cutoff: float | None, name: str) 
                       reduced=info, model=model)
 
     def full(res: Solved, idx: np.ndarray) -> np.ndarray | None:
-        if res.x is None:
-            return None
-        x = np.zeros(len(mip.c))
-        x[idx] = res.x
-        return x
+        return None if res.x is None else _expand(res.x, idx, len(mip.c))
 
     y = fixing.lp_duals(mip.c, mip.A, mip.lo, mip.hi, mip.ub)
     if y is None:  # the LP relaxation is infeasible, so is every child
@@ -825,9 +820,7 @@ def _attempt(problem, mip, rows, batch, objective, cuts, min_differ, solver, tim
         else:
             res = solve(within[0], solver, time_limit, gap, threads, cutoff, "never")
             if res.x is not None:
-                x = np.zeros(len(mip.c))
-                x[within[1]] = res.x
-                res.x = x
+                res.x = _expand(res.x, within[1], len(mip.c))
     except SearchError as e:
         return None, None, None, [str(e)]
     if res.x is None:
