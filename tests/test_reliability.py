@@ -180,34 +180,27 @@ def _check_interrupted(root: Path, over: dict, stage: str, later: str, log: Path
     _refused_downstream(over, later, stage, log)
 
 
-# ---- determinism --------------------------------------------------------------------------------
-def test_rerun_with_the_same_cost_table_is_bit_identical(smoke_run, tmp_path):
-    """U (the shared run, measured costs) vs V (a fresh root, the same run name, U's cost table
-    imported): reports/smoke/metrics.json byte-identical, every trained tensor equal. The
-    wall-clock numbers that differ go to timings.json; environment.json says what would break
-    bit-identity elsewhere (GPU kernels, other versions, thread counts)."""
-    from puzzlelib.runner import run_pipeline
-
-    u = smoke_run.root
-    over = _overrides(tmp_path, smoke_run.run_dir / "01_profiling")
-    res = run_pipeline("smoke", run_name="smoke", overrides=over, echo=lambda *a, **k: None)
-    assert res.exit_code == 0, res
-    v_run = tmp_path / "runs" / "smoke"
+# ---- determinism ------------------------------------------------------------------------------
+def _assert_rerun_is_bit_identical(u: Path, other: Path, costs_from: Path) -> None:
+    """``other`` (a fresh root, the same run name, U's cost table imported) reproduces U: the
+    imported table's bytes and provenance, reports/smoke/metrics.json byte-identical, every trained
+    tensor equal. The wall-clock numbers that differ are in timings.json; environment.json says what
+    would break bit-identity elsewhere (GPU kernels, other versions, thread counts)."""
+    run = other / "runs" / "smoke"
     # Imported as it was measured: the same table, its provenance in stage 01's metrics only.
-    assert (v_run / "01_profiling" / "costs.csv").read_bytes() == \
-        (smoke_run.run_dir / "01_profiling" / "costs.csv").read_bytes()
-    m01 = json.loads((v_run / "01_profiling" / "metrics.json").read_text())
-    assert m01["costs_imported_from"] == str(smoke_run.run_dir / "01_profiling" / "costs.csv")
-    _assert_same_results(u, tmp_path)
+    assert (run / "01_profiling" / "costs.csv").read_bytes() == (costs_from / "costs.csv").read_bytes()
+    m01 = json.loads((run / "01_profiling" / "metrics.json").read_text())
+    assert m01["costs_imported_from"] == str(costs_from / "costs.csv")
+    _assert_same_results(u, other)
     # The split: what differs between two runs is out of metrics.json and in timings.json.
-    report = tmp_path / "reports" / "smoke"
+    report = other / "reports" / "smoke"
     metrics = json.loads((report / "metrics.json").read_text())
     timings = json.loads((report / "timings.json").read_text())
     assert "timing" not in metrics and "measured_speedup" not in metrics["models"][0]
     assert not any(str(m["source"]).startswith("/") for m in metrics["models"])
     assert timings["models"]["parent"]["measured_speedup"] == 1.0 and timings["timing"]["quality_seconds"] > 0
     env = json.loads((report / "environment.json").read_text())
-    assert env["cost_table"]["imported_from"] == over["profile_costs_from"]
+    assert env["cost_table"]["imported_from"] == str(costs_from)
     assert any("GPU" in b for b in env["breaks_bit_identity"]) and env["corpus"]["fingerprint"]
 
 
@@ -217,8 +210,13 @@ def test_sigkill_inside_parent_bld_and_gkd_then_rerun_equals_an_uninterrupted_ru
     kernel) inside parent training after a resumable checkpoint, inside BLD with some blocks
     written, and inside GKD with one child exported and another mid-training. After each kill
     the stage reads "interrupted" (status, ``require``) and a later stage refuses to start; the
-    reruns resume, and the end result equals U's bit for bit."""
-    over = _overrides(tmp_path, smoke_run.run_dir / "01_profiling")
+    reruns resume, and the end result equals U's bit for bit.
+
+    K is also the determinism check (a second run with U's cost table imported reproduces U byte
+    for byte, :func:`_assert_rerun_is_bit_identical`): an uninterrupted second run is a special
+    case of it, and a separate one cost the suite another whole smoke run (~4 min on 2 cores)."""
+    costs_from = smoke_run.run_dir / "01_profiling"
+    over = _overrides(tmp_path, costs_from)
     run_dir, log = tmp_path / "runs" / "smoke", tmp_path / "pipeline.log"
     n_blocks = len(list((smoke_run.run_dir / "02_bld" / "library" / "blocks").glob("*/*.json")))
 
@@ -268,7 +266,7 @@ def test_sigkill_inside_parent_bld_and_gkd_then_rerun_equals_an_uninterrupted_ru
     proc = _start(["run", "--stages", "05-06"], over, log)
     assert proc.wait(timeout=900) == 0, _tail(log)
     assert _first_bar_start(reports / "05_gkd.ipynb", "GKD ") > 0  # the first child left was resumed
-    _assert_same_results(smoke_run.root, tmp_path)
+    _assert_rerun_is_bit_identical(smoke_run.root, tmp_path, costs_from)
 
 
 # ---- concurrency --------------------------------------------------------------------------------

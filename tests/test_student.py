@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import nbformat
@@ -169,9 +170,11 @@ def test_committed_student_copies_are_in_sync(tmp_path):
 
 
 @pytest.mark.slow
-def test_student_copies_run_headless(smoke_run, tmp_path):
+def test_student_copies_rerun_headless_reusing_every_stage(smoke_run, tmp_path):
     """The copies run through papermill on a copy of the shared smoke run: every stage is fresh
-    there, so each notebook reuses its stage and only the cells around it run."""
+    there, so each notebook reuses its stage and only the cells around it run. This is also the
+    suite's check that rerunning a finished pipeline reuses every stage rather than recomputing it
+    (the stage functions decide, the same calls as in notebooks/), in less time than the first run."""
     from puzzlelib.core.rundir import STAGES
     from puzzlelib.runner import run_pipeline
 
@@ -179,8 +182,10 @@ def test_student_copies_run_headless(smoke_run, tmp_path):
     student = write_student_copies(REPO / "notebooks", tmp_path / "student")[0].parent
     over = {"runs_root": str(tmp_path / "run" / "runs"),
             "reports_root": str(tmp_path / "run" / "student-reports")}
+    t0 = time.perf_counter()
     res = run_pipeline("smoke", run_name=smoke_run.name, overrides=over, notebooks_dir=student,
                        echo=lambda *a, **k: None)
+    seconds = time.perf_counter() - t0
     failed = [(s.stage, s.status, (s.error or {}).get("evalue")) for s in res.stages
               if s.status != "ok"]
     assert res.exit_code == 0 and not failed, failed
@@ -195,3 +200,4 @@ def test_student_copies_run_headless(smoke_run, tmp_path):
         manifest = json.loads((tmp_path / "run" / "runs" / smoke_run.name / stage /
                                "manifest.json").read_text())
         assert len(manifest.get("reuses", [])) == 1, f"{stage} was recomputed, not reused"
+    assert seconds < smoke_run.seconds, (seconds, smoke_run.seconds)
