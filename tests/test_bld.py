@@ -274,15 +274,10 @@ def test_sigkilled_process_resumes_to_the_same_library(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_02_runs_headless_on_smoke(tmp_path):
-    from puzzlelib.runner import run_pipeline
-
-    res = run_pipeline("smoke", run_name="nb02", stages="00,02", overrides={
-        "runs_root": str(tmp_path / "runs"), "reports_root": str(tmp_path / "reports"),
-        "parent_train_tokens": 300_000, "bld_tokens_per_variant": 8192, "threads": 1},
-        echo=lambda *a, **k: None)
-    assert res.exit_code == 0, [s.error for s in res.stages]
-    nb = json.loads((tmp_path / "reports" / "nb02" / "02_bld.ipynb").read_text())
+def test_notebook_02_runs_headless_on_smoke(smoke_run):
+    """Notebook 02 as the shared smoke pipeline ran it through papermill (one headless run of every
+    notebook per suite, conftest.py): no error output, all four figures."""
+    nb = json.loads((smoke_run.report_dir / "02_bld.ipynb").read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     images = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]

@@ -102,14 +102,10 @@ def test_bad_inputs(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_notebook_00_runs_headless_on_smoke(tmp_path):
-    from puzzlelib.runner import run_pipeline
-
-    res = run_pipeline("smoke", run_name="nb00", stages="00", overrides={
-        "runs_root": str(tmp_path / "runs"), "reports_root": str(tmp_path / "reports"),
-        "parent_train_tokens": 300_000}, echo=lambda *a, **k: None)
-    assert res.exit_code == 0
-    report = tmp_path / "reports" / "nb00"
+def test_notebook_00_runs_headless_on_smoke(smoke_run):
+    """Notebook 00 as the shared smoke pipeline ran it through papermill (one headless run of every
+    notebook per suite, conftest.py): its HTML export, no error output, both figures."""
+    report = smoke_run.report_dir
     assert (report / "00_parent.ipynb").exists() and (report / "00_parent.html").exists()
     nb = json.loads((report / "00_parent.ipynb").read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
