@@ -65,9 +65,10 @@ class SmokeRun:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """ONE uninterrupted run of every notebook on the `smoke` preset (~2-3 min on 2 cores), shared by
-    the slow tests (pipeline + reuse, determinism, fault injection, student copies) so CI pays for it
-    once. Treat it as read-only: copy it (shutil.copytree) before writing into it."""
+    """ONE uninterrupted run of every notebook on the `smoke` preset (~4-5 min on 2 cores), shared by
+    the slow tests (each notebook's executed outputs, fault injection with the determinism check, the
+    student copies' rerun with the reuse check) so CI pays for it once. Treat it as read-only: copy it
+    (shutil.copytree) before writing into it."""
     import time
 
     from puzzlelib.runner import run_pipeline
